@@ -5,16 +5,15 @@ convolutional encoder, an l2-normalised codebook (cosine lookup, straight-throug
 convolutional decoder. Module names and shapes equal the official ones, so the released files
 vq_ds16_c2i.pt, vq_ds16_t2i.pt and vq_ds8_c2i.pt load with one strict `load_state_dict`.
 
-    python -c "import vq; m = vq.VQModel(vq.VQConfig.from_name('VQ-tiny')); print(m.encode(__import__('torch').randn(2, 3, 64, 64))[2].shape)"
-    python -c "import vq; m = vq.VQModel(vq.VQConfig.from_name('VQ-16')); print(sum(p.numel() for p in m.parameters()))"  # 71883403
-    python -c "import vq; from PIL import Image; m = vq.VQModel.from_checkpoint('vq_ds16_c2i.pt'); \
-codes = m.images_to_codes([Image.open('in.png').convert('RGB').resize((256, 256))]); m.codes_to_images(codes)[0].save('out.png')"
+    python -c "import torch, vq; m = vq.VQModel(vq.VQConfig.from_name('tiny')); print(m.encode(torch.randn(2, 3, 64, 64))[2].shape)"
+    python -c "import vq; m = vq.VQModel(vq.VQConfig.from_name('VQ-16')); print(sum(p.numel() for p in m.parameters()))"
+    python -c "import vq; from PIL import Image; m = vq.VQModel.from_checkpoint('vq_ds16_c2i.pt'); c = m.images_to_codes([Image.open('in.png').resize((256, 256))]); m.codes_to_images(c)[0].save('out.png')"
     python -m pytest tests/test_vq.py -q
 
 vq_ds16_c2i.pt: https://huggingface.co/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt
 """
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -58,11 +57,11 @@ class VQConfig:
 VQ_CONFIGS = {
     "VQ-16": dict(encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1, 1, 2, 2, 4]),  # 71.9M, 16x16 @256
     "VQ-8": dict(encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4]),         # 70.1M, 32x32 @256
-    # CPU presets (ours): GroupNorm's 32 groups need channels that are multiples of 32
+    # ours: small presets for CPU runs and tests (GroupNorm's 32 groups need channels % 32 == 0)
     "VQ-small": dict(ch=64, encoder_ch_mult=[1, 1, 2, 4], decoder_ch_mult=[1, 1, 2, 4],
-                     z_channels=128, codebook_size=4096),                             # 9.2M, ds 8
-    "VQ-tiny": dict(ch=32, encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4], num_res_blocks=1,
-                    z_channels=64, codebook_size=1024),                               # 1.5M, ds 8
+                     z_channels=128, codebook_size=4096),                             # 16.2M, ds 8
+    "VQ-tiny": dict(ch=32, encoder_ch_mult=[1, 1, 2, 2], decoder_ch_mult=[1, 1, 2, 2], num_res_blocks=1,
+                    z_channels=64, codebook_size=1024),                               # 1.2M, ds 8
 }
 
 
@@ -286,8 +285,8 @@ class VQModel(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
 
-    def check_images(self, x: torch.Tensor) -> None:
-        """Clear errors for inputs that are not (B, 3, H, W) with H, W multiples of the downsampling."""
+    def encode(self, x: torch.Tensor):
+        """x (B, 3, H, W) in [-1, 1] -> (quant (B, C, h, w), losses, indices (B*h*w,) raster order)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}")
         ds, (H, W) = self.config.downsample, x.shape[-2:]
@@ -295,10 +294,6 @@ class VQModel(nn.Module):
             fix = "x".join(str(max(ds, round(s / ds) * ds)) for s in ((H,) if H == W else (H, W)))
             raise ValueError(f"image size {H}x{W} is not a multiple of the VQ-{ds} downsampling factor "
                              f"{ds}; resize or crop to e.g. {fix}")
-
-    def encode(self, x: torch.Tensor):
-        """x (B, 3, H, W) in [-1, 1] -> (quant (B, C, h, w), losses, indices (B*h*w,) raster order)."""
-        self.check_images(x)
         return self.quantize(self.quant_conv(self.encoder(x)))
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
@@ -308,13 +303,12 @@ class VQModel(nn.Module):
     def decode_code(self, indices: torch.Tensor, shape=None) -> torch.Tensor:
         """indices (B*h*w,), (B, h*w) or (B, h, w) -> images; shape = (B, C, h, w) (inferred if None)."""
         C = self.config.codebook_embed_dim
-        if shape is None:
-            if indices.ndim == 3:
-                shape = (indices.shape[0], C, *indices.shape[1:])
-            elif indices.ndim == 2 and math.isqrt(indices.shape[1]) ** 2 == indices.shape[1]:
-                shape = (indices.shape[0], C, math.isqrt(indices.shape[1]), math.isqrt(indices.shape[1]))
-            else:
+        if shape is None:  # (B, h, w) as given, (B, h*w) as a square grid
+            B, *grid = indices.shape
+            grid = [math.isqrt(grid[0])] * 2 if len(grid) == 1 and math.isqrt(grid[0]) ** 2 == grid[0] else grid
+            if len(grid) != 2:
                 raise ValueError(f"cannot infer the token grid of indices {tuple(indices.shape)}; pass shape=(B, C, h, w)")
+            shape = (B, C, *grid)
         B, _, h, w = shape
         if indices.numel() != B * h * w:
             raise ValueError(f"{indices.numel()} indices do not fill the token grid {tuple(shape)}")
@@ -365,8 +359,7 @@ class VQModel(nn.Module):
         if "encoder.conv_in.weight" not in sd or "quantize.embedding.weight" not in sd:
             raise ValueError(f"not a VQ tokenizer checkpoint: top-level keys {sorted(ckpt)[:8]}, "
                              f"no 'encoder.conv_in.weight' / 'quantize.embedding.weight'")
-        names = {f.name for f in fields(VQConfig)}
-        config = (VQConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+        config = (VQConfig(**{k: v for k, v in ckpt["config"].items() if k in VQConfig.__dataclass_fields__})
                   if isinstance(ckpt.get("config"), dict) else infer_config(sd))
         model = cls(config)
         sd = {"quantize.codebook_used": model.quantize.codebook_used, **sd}  # a metric buffer only
