@@ -1,0 +1,336 @@
+"""Tests for gpt.py: official key layout and sizes, KV cache vs full forward, CFG, losses, loading.
+
+    python -m pytest tests/test_gpt.py -q
+"""
+import math
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpt
+from gpt import GPT, GPTConfig, generate
+
+MANIFESTS = sorted((Path(__file__).parent / "data" / "checkpoints").glob("[ct]2i_*.txt"))
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "spec" / "reference"
+NO_DROPOUT = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+# spec b.1: exact official parameter counts (vocab 16384, 1000 classes; t2i caption_dim 2048)
+PARAM_COUNTS = {
+    "GPT-B": (110_888_448, 112_282_368), "GPT-L": (342_910_976, 345_031_680),
+    "GPT-XL": (774_699_520, 777_678_080), "GPT-XXL": (1_410_972_672, 1_414_940_160),
+    "GPT-XXXL": (3_893_027_840, 3_902_261_760), "GPT-1B": (1_199_616_000, 1_205_954_560),
+    "GPT-3B": (3_096_659_200, 3_110_249_600), "GPT-7B": (6_614_589_440, 6_635_655_168),
+}
+
+
+def tiny(model_type="c2i", **kw):
+    """A random tiny model with a non-zero output head (so sampling is not uniform)."""
+    torch.manual_seed(0)
+    t2i = dict(model_type="t2i", cls_token_num=6, caption_dim=24) if model_type == "t2i" else {}
+    cfg = GPTConfig.from_name("tiny", vocab_size=32, block_size=16, num_classes=10, **{**t2i, **kw})
+    model = GPT(cfg)
+    torch.nn.init.normal_(model.output.weight, std=0.5)
+    return model.eval()
+
+
+def make_cond(model, B=2):
+    """Labels (B,) for c2i; left-padded captions (B, T, C) and their emb_mask for t2i."""
+    c = model.config
+    if c.model_type == "c2i":
+        return torch.arange(B) % c.num_classes, None
+    mask = torch.ones(B, c.cls_token_num, dtype=torch.long)
+    mask[0, :3] = 0  # first caption has 3 padded slots on the left
+    return torch.randn(B, c.cls_token_num, c.caption_dim) * mask[..., None], mask
+
+
+def guided_logits(model, idx, cond, emb_mask, cfg_scale):
+    """Teacher-forced logits with CFG, computed without the KV cache."""
+    c = model.config
+    null = torch.full_like(cond, c.num_classes) if c.model_type == "c2i" else \
+        model.cls_embedding.uncond_embedding[: c.cls_token_num].expand_as(cond)
+    mask = None if emb_mask is None else torch.cat([emb_mask, emb_mask])
+    logits, _ = model(torch.cat([idx, idx]), torch.cat([cond, null]), emb_mask=mask)
+    cond_l, uncond_l = logits.chunk(2)
+    return uncond_l + (cond_l - uncond_l) * cfg_scale
+
+
+# ---- official layout ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.stem)
+def test_manifest_keys_shapes_and_strict_load(manifest):
+    lines = manifest.read_text().splitlines()
+    preset = re.search(r"GPT_models\['(GPT-\w+)'\]", lines[0]).group(1)
+    block = int(re.search(r"block_size=(\d+)", lines[0]).group(1))
+    kw = dict(model_type="t2i", cls_token_num=120) if manifest.stem.startswith("t2i") else {}
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_name(preset, block_size=block, **kw))
+    want = [(n, tuple(int(s) for s in shape.split(","))) for n, shape, _ in (l.split("\t") for l in lines[1:])]
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == want
+    buffers = {n for n, _ in model.named_buffers()}
+    assert buffers == ({"cls_embedding.uncond_embedding"} if kw else set())
+    with torch.device("meta"):
+        sd = {n: torch.empty(s) for n, s in want}
+        sd["freqs_cis"] = torch.empty(3)  # harmless extra that some official files carry
+    gpt.load_gpt_state_dict(model, sd, assign=True)
+
+
+@pytest.mark.parametrize("name", PARAM_COUNTS)
+def test_official_parameter_counts(name):
+    for model_type, want in zip(("c2i", "t2i"), PARAM_COUNTS[name]):
+        kw = dict(model_type="t2i", cls_token_num=120) if model_type == "t2i" else {}
+        with torch.device("meta"):
+            model = GPT(GPTConfig.from_name(name, **kw))
+        assert sum(p.numel() for p in model.parameters()) == want, (name, model_type)
+
+
+def test_config_names_and_sizes():
+    assert GPTConfig.from_name("XL") == GPTConfig.from_name("GPT-XL")
+    assert GPTConfig.from_name("3B").head_dim == 100 and GPTConfig.from_name("3B").ffn_hidden == 8704
+    assert GPTConfig.from_name("tiny", block_size=576).grid_size == 24
+    with pytest.raises(ValueError, match="GPT-B.*GPT-tiny"):
+        GPTConfig.from_name("GPT-XS")
+    with pytest.raises(ValueError, match="square"):
+        GPT(GPTConfig.from_name("tiny", block_size=20))
+    assert "freqs_cis" not in GPT(GPTConfig.from_name("tiny", vocab_size=8, block_size=4)).state_dict()
+
+
+def test_rope_table_is_official():
+    f = gpt.precompute_freqs_cis_2d(grid=3, head_dim=100, base=10000, cls_token_num=2)
+    assert f.shape == (2 + 9, 50, 2) and f[:2].abs().sum() == 0  # condition rows: cos = sin = 0
+    row, col = divmod(5, 3)  # token 5 sits at (1, 2)
+    angles = torch.tensor([row * 10000 ** (-2 * k / 50) for k in range(25)] +
+                          [col * 10000 ** (-2 * k / 50) for k in range(25)])
+    torch.testing.assert_close(f[2 + 5], torch.stack([angles.cos(), angles.sin()], -1))
+
+
+# ---- forward and losses ------------------------------------------------------------------------
+
+
+def test_fresh_model_loss_is_ln_vocab():
+    model = GPT(GPTConfig.from_name("tiny", vocab_size=64, block_size=16, num_classes=10))
+    z = torch.randint(0, 64, (3, 16))
+    for train in (True, False):
+        model.train(train)
+        logits, loss = model(z[:, :-1], torch.tensor([1, 2, 3]), targets=z)
+        assert logits.shape == (3, 16, 64) and logits.dtype == torch.float32
+        assert abs(loss.item() - math.log(64)) < 1e-6
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_partial_sequences_train_and_eval_are_causal(model_type):
+    model = tiny(model_type, **NO_DROPOUT, class_dropout_prob=0.0)
+    cond, emb_mask = make_cond(model)
+    z = torch.randint(0, 32, (2, 15))
+    full, _ = model(z, cond, emb_mask=emb_mask)
+    assert full.shape == (2, 16, 32)
+    for train in (False, True):
+        model.train(train)
+        for S in (0, 1, 7):
+            part, _ = model(z[:, :S], cond, emb_mask=emb_mask)
+            assert part.shape == (2, S + 1, 32)
+            torch.testing.assert_close(part, full[:, : S + 1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(2, 16, dtype=torch.long), cond, emb_mask=emb_mask)
+
+
+def test_label_dropout_in_training_uses_null_class():
+    model = tiny(**NO_DROPOUT, class_dropout_prob=1.0)
+    z = torch.randint(0, 32, (2, 15))
+    null, _ = model(z, torch.full((2,), 10))
+    dropped, _ = model.train()(z, torch.tensor([3, 4]))
+    torch.testing.assert_close(dropped, null)
+
+
+def test_t2i_padded_caption_slots_do_not_matter():
+    model = tiny("t2i")
+    cond, emb_mask = make_cond(model)
+    z = torch.randint(0, 32, (2, 15))
+    logits, _ = model(z, cond, emb_mask=emb_mask)
+    noisy = cond + torch.randn_like(cond) * (1 - emb_mask[..., None])  # only padded slots change
+    torch.testing.assert_close(model(z, noisy, emb_mask=emb_mask)[0], logits)
+    assert not torch.allclose(model(z, noisy)[0], logits)  # without the mask they would leak
+
+
+def test_valid_excludes_samples():
+    model = tiny()
+    z = torch.randint(0, 32, (2, 16))
+    labels = torch.tensor([1, 2])
+    _, loss0 = model(z[:1, :-1], labels[:1], targets=z[:1])
+    _, loss = model(z[:, :-1], labels, targets=z, valid=torch.tensor([1, 0]))
+    torch.testing.assert_close(loss, loss0)
+    _, none = model(z[:, :-1], labels, targets=z, valid=torch.tensor([0, 0]))
+    assert none.item() == 0.0
+
+
+@pytest.mark.parametrize("use_valid", [False, True])
+def test_chunked_loss_matches_plain_loss_and_grads(monkeypatch, use_valid):
+    monkeypatch.setattr(gpt, "CE_CHUNK_ELEMENTS", 32 * 5)  # 5 rows per chunk: several chunks
+    model = tiny("t2i").train()
+    cond, emb_mask = make_cond(model)
+    z = torch.randint(0, 32, (2, 16))
+    valid = torch.tensor([1.0, 0.0]) if use_valid else None
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        torch.manual_seed(1)  # same dropout masks in both runs
+        logits, loss = model(z[:, :-1], cond, targets=z, emb_mask=emb_mask, valid=valid, return_logits=return_logits)
+        loss.backward()
+        results.append((logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logits, loss, grads), (none, chunked, chunked_grads) = results
+    assert logits is not None and none is None
+    torch.testing.assert_close(chunked, loss)
+    for n in grads:
+        torch.testing.assert_close(chunked_grads[n], grads[n], msg=n)
+
+
+# ---- KV cache and sampling ---------------------------------------------------------------------
+
+VARIANTS = {"c2i": dict(), "t2i": dict(model_type="t2i"), "gqa": dict(n_kv_head=2),
+            "head_dim_100": dict(dim=200, n_head=2)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_decoding_equals_full_forward(variant):
+    model = tiny(**VARIANTS[variant])
+    c = model.config
+    cond, emb_mask = make_cond(model)
+    z = torch.randint(0, 32, (2, 15))
+    full, _ = model(z, cond, emb_mask=emb_mask)  # (B, 16, V)
+    keep = None if emb_mask is None else torch.cat([emb_mask.bool(), torch.ones(2, 15, dtype=torch.bool)], 1)
+    model.setup_caches(2, c.cls_token_num + 15, torch.float32, "cpu")
+    with torch.no_grad():
+        x = model.cls_embedding(cond, train=False)
+        steps = [model.forward_step(x, torch.arange(c.cls_token_num), c.cls_token_num, keep)]
+        for i in range(15):
+            pos = c.cls_token_num + i
+            steps.append(model.forward_step(model.tok_embeddings(z[:, i:i + 1]), torch.tensor([pos]), pos + 1, keep))
+    model.teardown_caches()
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    gqa, mha = tiny(n_kv_head=2), tiny()
+    sd, hd, dim = gqa.state_dict(), 16, 64
+    for i in range(2):  # kv head j serves query heads 2j and 2j+1 (official repeat_interleave)
+        q, k, v = sd[f"layers.{i}.attention.wqkv.weight"].split([dim, 2 * hd, 2 * hd])
+        k, v = (w.view(2, hd, dim).repeat_interleave(2, dim=0).reshape(dim, dim) for w in (k, v))
+        sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, v])
+    mha.load_state_dict(sd)
+    z, labels = torch.randint(0, 32, (2, 15)), torch.tensor([1, 2])
+    torch.testing.assert_close(mha(z, labels)[0], gqa(z, labels)[0])
+
+
+@pytest.mark.parametrize("variant", ["c2i", "t2i", "gqa"])
+def test_greedy_cfg_generate_matches_teacher_forcing(variant):
+    model = tiny(**VARIANTS[variant])
+    cond, emb_mask = make_cond(model)
+    keys = list(model.state_dict())
+    tokens = generate(model, cond, cfg_scale=3.0, top_k=1, emb_mask=emb_mask)
+    assert tokens.shape == (2, 16) and tokens.dtype == torch.int64
+    with torch.no_grad():
+        want = guided_logits(model, tokens[:, :-1], cond, emb_mask, 3.0).argmax(-1)
+    assert torch.equal(tokens, want)
+    assert list(model.state_dict()) == keys and all(l.attention.kv_cache is None for l in model.layers)
+
+
+def test_cfg_interval_switches_to_conditional_logits():
+    model = tiny()
+    cond, _ = make_cond(model)
+    tokens = generate(model, cond, cfg_scale=3.0, cfg_interval=4, top_k=1)
+    with torch.no_grad():
+        guided = guided_logits(model, tokens[:, :-1], cond, None, 3.0).argmax(-1)
+        plain = model(tokens[:, :-1], cond)[0].argmax(-1)
+    assert torch.equal(tokens[:, :6], guided[:, :6]) and torch.equal(tokens[:, 6:], plain[:, 6:])
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_cfg_scale_one_equals_plain_conditional_sampling(model_type):
+    model = tiny(model_type)
+    cond, emb_mask = make_cond(model)
+    kw = dict(temperature=1.3, top_k=20, top_p=0.9)
+    tokens = generate(model, cond, cfg_scale=1.0, emb_mask=emb_mask, generator=torch.Generator().manual_seed(7), **kw)
+    g = torch.Generator().manual_seed(7)
+    seq = torch.zeros(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(16):  # naive sampler: full forward every step, no cache
+            logits, _ = model(seq, cond, emb_mask=emb_mask)
+            seq = torch.cat([seq, gpt.sample(logits[:, -1], generator=g, **kw)], 1)
+    assert torch.equal(tokens, seq)
+
+
+def test_sample_filters_like_hf():
+    logits = torch.tensor([[2.0, 2.0, 0.0, -1.0]])
+    got = {gpt.sample(logits, top_k=1, generator=torch.Generator().manual_seed(s)).item() for s in range(40)}
+    assert got == {0, 1}  # top-k keeps ties
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    got = {gpt.sample(logits, top_p=0.6, generator=torch.Generator().manual_seed(s)).item() for s in range(40)}
+    assert got == {0, 1}  # top-p keeps the first token past the threshold
+    assert gpt.sample(torch.tensor([[0.0, 1.0, 0.5]]), temperature=0.0).item() == 1
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_our_format(tmp_path):
+    model, ema = tiny(), tiny(n_layer=2)
+    torch.nn.init.normal_(ema.output.weight)
+    path = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "config": asdict(model.config),
+                "args": {"lr": 1e-4}, "step": 3}, path)
+    z, labels = torch.randint(0, 32, (2, 15)), torch.tensor([1, 2])
+    for prefer_ema, want in ((True, ema), (False, model)):
+        loaded = GPT.from_checkpoint(path, prefer_ema=prefer_ema)
+        assert loaded.config == model.config and not loaded.training
+        torch.testing.assert_close(loaded(z, labels)[0], want(z, labels)[0])
+
+
+@pytest.mark.parametrize("container", ["model", "module", "state_dict", "raw"])
+def test_checkpoint_official_containers(tmp_path, container):
+    model = tiny()
+    sd = dict(model.state_dict(), freqs_cis=model.freqs_cis, **{"layers.0.attention.kv_cache.k_cache": torch.zeros(1)})
+    path = tmp_path / "c2i_tiny_64.pt"  # 64 px with the ds16 VQ -> block_size 16
+    torch.save(sd if container == "raw" else {container: sd}, path)
+    loaded = GPT.from_checkpoint(path)
+    assert loaded.config.block_size == 16 and loaded.config.num_classes == 10
+    z, labels = torch.randint(0, 32, (2, 15)), torch.tensor([1, 2])
+    torch.testing.assert_close(loaded(z, labels)[0], model(z, labels)[0])
+    with pytest.raises(ValueError, match="image_size"):
+        GPT.from_checkpoint(sd)
+
+
+def test_loader_errors_are_clear():
+    with torch.device("meta"):
+        sd = GPT(GPTConfig.from_name("B")).state_dict()
+        big = GPT(GPTConfig.from_name("L"))
+    with pytest.raises(ValueError, match=r"missing.*mis-shaped.*looks like GPT-B c2i \(dim 768, 12 layers"):
+        gpt.load_gpt_state_dict(big, sd)
+    vq_file = {"model": {"encoder.conv_in.weight": torch.zeros(1), "quantize.codebook_used": torch.zeros(1)}}
+    with pytest.raises(ValueError, match="not a GPT"):
+        GPT.from_checkpoint(vq_file, image_size=256)
+
+
+# ---- official reference outputs ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (REFERENCE / "check.py").exists(), reason="spec/reference not beside the checkout")
+def test_official_reference_check(capsys):
+    """The GPT half of spec/reference/check.py (the VQ half belongs to tests/test_vq.py)."""
+    source = (REFERENCE / "check.py").read_text()
+    assert "\nfor part in" in source, "check.py changed shape; run it directly"
+    ns = {"__file__": str(REFERENCE / "check.py"), "__name__": "reference_check"}
+    exec(compile(source.split("\nfor part in")[0], str(REFERENCE / "check.py"), "exec"), ns)
+    ns["check_gpt"]()
+    out = capsys.readouterr().out
+    assert len(ns["results"]) == 5 and all(ns["results"]), out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_decode_matches_eager_on_gpu():
+    model = tiny().cuda()
+    cond = torch.tensor([1, 2], device="cuda")
+    eager = generate(model, cond, cfg_scale=2.0, top_k=1)
+    assert torch.equal(generate(model, cond, cfg_scale=2.0, top_k=1, compile=True), eager)
+    model.teardown_caches()
