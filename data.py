@@ -5,6 +5,9 @@ dataset generator, PNG grids. Runtime: downloads into one cache, distributed ini
 checkpoints, EMA, autocast, RNG state, JSON-lines logs, one-line user errors.
 
     python data.py toy data/toy --num-classes 4 --per-class 64 --size 64   # make a toy image folder
+    python data.py extract --vq-ckpt vq.pt --data-path data/toy --code-path data/toy-codes --image-size 64
+    torchrun --nproc_per_node=8 data.py extract --vq-ckpt vq_ds16_c2i.pt --data-path imagenet/train
+        --code-path codes/in256-tencrop --image-size 256 --ten-crop --crop-range 1.1   # (one line); then 1.05
 """
 import contextlib
 import hashlib
@@ -441,10 +444,199 @@ def make_toy_dataset(root, num_classes=4, per_class=32, size=64, seed=0) -> Path
     return root
 
 
-if __name__ == "__main__":
-    import argparse
+# ----------------------------------------------------------------------------------------------
+# Token codes: a frozen tokenizer turns an image folder into token grids; the GPT trains on those
+#
+# code_path/ holds codes.npy (N, n_aug, h*w) uint16 (int32 past 65536 codes), labels.npy (N,) int64
+# (BAD_LABEL for unreadable images), done.npy (N,) bool (what a resumed run skips) and meta.json.
+# N is the image folder's length; row i is ImageFolder sample i. All three are .npy memmaps that
+# every rank writes in place, so under torchrun keep code_path on the node's own disk (or a
+# filesystem with coherent shared mmap); a rerun skips rows already marked done.
 
-    parser = argparse.ArgumentParser(description="data utilities")
+def ten_crop(img: Image.Image, size: int, crop_range: float = 1.1) -> list:
+    """Official --ten-crop: ADM centre crop to int(size * crop_range), then torchvision TenCrop(size)."""
+    img = center_crop_arr(img, int(size * crop_range))
+    crops = []
+    for im in (img, img.transpose(Image.FLIP_LEFT_RIGHT)):  # TenCrop = FiveCrop(img) + FiveCrop(flip(img))
+        w, h = im.size
+        cx, cy = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))  # torchvision center_crop
+        for left, top in ((0, 0), (w - size, 0), (0, h - size), (w - size, h - size), (cx, cy)):
+            crops.append(im.crop((left, top, left + size, top + size)))
+    return crops
+
+
+def augment_crops(img: Image.Image, size: int, ten: bool = False, crop_range: float = 1.1) -> list:
+    """The n_aug crops stored per image: ten-crop (10), or ADM centre crop and its flip (2)."""
+    if ten:
+        return ten_crop(img, size, crop_range)
+    img = center_crop_arr(img, size)
+    return [img, img.transpose(Image.FLIP_LEFT_RIGHT)]
+
+
+class _Crops(torch.utils.data.Dataset):
+    """ImageFolder samples at `indices` -> (crops (n_aug, 3, S, S), label or BAD_LABEL, index)."""
+
+    def __init__(self, samples, indices, size, ten, crop_range, skip_bad):
+        self.samples, self.indices, self.size = samples, indices, size
+        self.ten, self.crop_range, self.skip_bad = ten, crop_range, skip_bad
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = int(self.indices[k])
+        path, label = self.samples[i]
+        try:
+            img = load_image(path)
+        except UserError:
+            if not self.skip_bad:
+                raise
+            print(f"skipping unreadable image {path}", file=sys.stderr)
+            return torch.zeros(10 if self.ten else 2, 3, self.size, self.size), BAD_LABEL, i
+        return torch.stack([pil_to_tensor(c) for c in augment_crops(img, self.size, self.ten, self.crop_range)]), label, i
+
+
+def _write_json(obj, path):
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+@torch.inference_mode()
+def extract_codes(vq_ckpt, data_path, code_path, image_size=256, ten_crop=False, crop_range=1.1,
+                  batch_size=32, num_workers=4, skip_bad=False, flush_every=20) -> dict:
+    """Encode an image folder into code_path with the frozen VQ (fp32, eval); resumable, torchrun-parallel."""
+    from tqdm import tqdm
+    from dataclasses import asdict
+    from vq import VQModel
+
+    d = init_dist()
+    vq_ckpt, code_path = Path(vq_ckpt), Path(code_path)
+    if not vq_ckpt.is_file():
+        raise UserError(f"tokenizer checkpoint not found: {vq_ckpt}")
+    try:
+        vq = VQModel.from_checkpoint(str(vq_ckpt)).to(d.device).float().eval()
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load the tokenizer {vq_ckpt}: {str(e).splitlines()[0]}") from None
+    if image_size % vq.config.downsample:
+        raise UserError(f"--image-size {image_size} is not a multiple of the tokenizer's downsampling "
+                        f"{vq.config.downsample}")
+    folder = ImageFolder(data_path, augment=None)
+    grid, n_aug = image_size // vq.config.downsample, 10 if ten_crop else 2
+    dtype = np.uint16 if vq.config.codebook_size <= 2 ** 16 else np.int32
+    meta = dict(vocab_size=vq.config.codebook_size, grid_size=grid, block_size=grid * grid,
+                image_size=image_size, num_classes=len(folder.classes), classes=folder.classes,
+                num_images=len(folder), n_aug=n_aug, ten_crop=ten_crop, crop_range=crop_range if ten_crop else 1.0,
+                dtype=np.dtype(dtype).name, data_path=str(Path(data_path).resolve()),
+                tokenizer=dict(path=str(vq_ckpt.resolve()), size=vq_ckpt.stat().st_size,
+                               config=asdict(vq.config)))
+    files = {k: code_path / f"{k}.npy" for k in ("codes", "labels", "done")}
+    if d.rank == 0:  # rank 0 creates (or checks) the store, then everyone opens it
+        meta["tokenizer"]["sha256"] = _file_digest(vq_ckpt, "sha256")
+        old = json.loads((code_path / "meta.json").read_text()) if (code_path / "meta.json").is_file() else None
+        if old is not None and all(f.is_file() for f in files.values()):
+            changed = [k for k in meta if k != "data_path" and old.get(k) != meta[k]]
+            if changed:
+                raise UserError(f"{code_path} holds codes made with a different {', '.join(changed)}; "
+                                f"pass a new --code-path or delete that folder")
+        else:
+            code_path.mkdir(parents=True, exist_ok=True)
+            shape = (len(folder), n_aug, grid * grid)
+            np.lib.format.open_memmap(files["codes"], "w+", dtype, shape).flush()
+            np.save(files["labels"], np.full(len(folder), BAD_LABEL, dtype=np.int64))
+            np.save(files["done"], np.zeros(len(folder), dtype=bool))
+            _write_json({**meta, "complete": False}, code_path / "meta.json")
+    if d.distributed:
+        dist.barrier()
+    codes, labels, done = (np.load(f, mmap_mode="r+") for f in files.values())
+    mine = np.flatnonzero(~done)[d.rank::d.world_size]  # what is left, shared out over ranks
+    loader = torch.utils.data.DataLoader(
+        _Crops(folder.samples, mine, image_size, ten_crop, crop_range, skip_bad),
+        batch_size=batch_size, num_workers=num_workers)
+    finished = []
+    for b, (x, y, idx) in enumerate(tqdm(loader, desc=f"encoding {len(mine)} images", disable=d.rank != 0)):
+        idx = idx.numpy()
+        _, _, ind = vq.encode(x.flatten(0, 1).to(d.device))  # (B * n_aug * h * w,)
+        codes[idx] = ind.view(len(idx), n_aug, -1).cpu().numpy().astype(dtype)
+        labels[idx] = y.numpy()
+        finished.append(idx)
+        if (b + 1) % flush_every == 0 or b == len(loader) - 1:  # codes reach the disk before done does
+            codes.flush(), labels.flush()
+            done[np.concatenate(finished)] = True
+            done.flush()
+            finished = []
+    if d.distributed:
+        dist.barrier()
+    if d.rank == 0:
+        meta = json.loads((code_path / "meta.json").read_text())
+        bad = np.flatnonzero(done & (labels < 0))
+        meta.update(num_done=int(done.sum()), num_valid=int((done & (labels >= 0)).sum()), num_bad=len(bad),
+                    bad_files=[str(folder.samples[i][0]) for i in bad], complete=bool(done.all()))
+        _write_json(meta, code_path / "meta.json")
+    if d.distributed:
+        dist.barrier()
+    return read_code_meta(code_path)
+
+
+def read_code_meta(code_path) -> dict:
+    """meta.json of a code folder, with a one-line error when it is not one."""
+    path = Path(code_path) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"no token codes in {code_path} (meta.json missing); make them with "
+                        f"`python data.py extract --vq-ckpt ... --data-path ... --code-path {code_path}`")
+    return json.loads(path.read_text())
+
+
+class CodeDataset(torch.utils.data.Dataset):
+    """Token grids -> (codes (block_size,) int64, label int64), one random stored augmentation each.
+
+    As the official imagenet_code dataset: a random crop index per sample, and with `extra_code_path`
+    (e.g. the crop-range 1.05 set) that set instead with probability `extra_prob`. The draw is seeded
+    by (seed, epoch, index), so a resumed run sees the same tokens. Unreadable images are left out.
+    """
+
+    def __init__(self, code_path, extra_code_path=None, extra_prob=0.5, seed=0):
+        self.paths = [Path(p) for p in (code_path, extra_code_path) if p is not None]
+        metas = [read_code_meta(p) for p in self.paths]
+        self.meta = meta = metas[0]
+        for p, m in zip(self.paths[1:], metas[1:]):
+            diff = [k for k in ("vocab_size", "block_size", "num_images", "classes") if m[k] != meta[k]]
+            if diff:
+                raise UserError(f"{p} does not match {code_path} ({', '.join(diff)} differ); "
+                                f"both must come from the same images and tokenizer")
+        self.labels = np.load(self.paths[0] / "labels.npy")
+        ok = np.ones(len(self.labels), dtype=bool)
+        for p in self.paths:
+            ok &= np.load(p / "done.npy") & (np.load(p / "labels.npy") >= 0)
+        self.valid = np.flatnonzero(ok)  # dataset index -> row of the stores
+        if not len(self.valid):
+            raise UserError(f"no finished codes in {code_path}; run (or resume) the extraction")
+        self.vocab_size, self.block_size, self.num_classes = meta["vocab_size"], meta["block_size"], meta["num_classes"]
+        self.extra_prob, self.seed, self.epoch = extra_prob, seed, 0
+        self._codes = None  # memmaps, opened lazily in each DataLoader worker
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.valid)
+
+    def __getitem__(self, i):
+        if self._codes is None:
+            self._codes = [np.load(p / "codes.npy", mmap_mode="r") for p in self.paths]
+        j = int(self.valid[i])
+        rng = np.random.default_rng([self.seed, self.epoch, j])
+        store = self._codes[1] if len(self._codes) > 1 and rng.random() < self.extra_prob else self._codes[0]
+        aug = int(rng.integers(store.shape[1]))
+        return torch.from_numpy(store[j, aug].astype(np.int64)), int(self.labels[j])
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: toy images, code extraction
+
+def parse_args(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="data utilities: toy images, token-code extraction")
     sub = parser.add_subparsers(dest="cmd", required=True)
     toy = sub.add_parser("toy", help="write a toy class-per-folder image dataset")
     toy.add_argument("root")
@@ -452,6 +644,28 @@ if __name__ == "__main__":
     toy.add_argument("--per-class", type=int, default=64)
     toy.add_argument("--size", type=int, default=64)
     toy.add_argument("--seed", type=int, default=0)
-    a = parser.parse_args()
-    if a.cmd == "toy":
-        print(make_toy_dataset(a.root, a.num_classes, a.per_class, a.size, a.seed))
+    ex = sub.add_parser("extract", help="encode an image folder into token codes (resumable; torchrun ok)")
+    ex.add_argument("--vq-ckpt", required=True)
+    ex.add_argument("--data-path", required=True)
+    ex.add_argument("--code-path", required=True)
+    ex.add_argument("--image-size", type=int, default=256)
+    ex.add_argument("--ten-crop", action="store_true", help="official 10 crops (else centre crop + flip)")
+    ex.add_argument("--crop-range", type=float, default=1.1, help="ten-crop source size = image size x this")
+    ex.add_argument("--batch-size", type=int, default=32, help="images per rank per batch")
+    ex.add_argument("--num-workers", type=int, default=4)
+    ex.add_argument("--skip-bad-images", action="store_true", help="mark unreadable images invalid and go on")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    if args.cmd == "toy":
+        print(make_toy_dataset(args.root, args.num_classes, args.per_class, args.size, args.seed))
+    else:
+        m = extract_codes(args.vq_ckpt, args.data_path, args.code_path, args.image_size, args.ten_crop,
+                          args.crop_range, args.batch_size, args.num_workers, args.skip_bad_images)
+        print0(f"{m['num_valid']} images x {m['n_aug']} crops of {m['block_size']} tokens in {args.code_path} "
+               f"({m['num_bad']} unreadable skipped)")
+
+
+if __name__ == "__main__":
+    cli(main, parse_args)
