@@ -58,7 +58,8 @@ def hf_url(repo: str, filename: str) -> str:
     return f"{endpoint}/{repo}/resolve/main/{filename}"
 
 
-def _file_digest(path, algo):
+def file_digest(path, algo="sha256") -> str:
+    """Hex digest of a file, read in 1 MB blocks."""
     h = hashlib.new(algo)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -131,8 +132,8 @@ def download(url, filename=None, sha256=None, md5=None, size=None, desc=None, ca
                 continue
             break
     got_size = part.stat().st_size
-    checks = [("size", size, lambda: got_size), ("sha256", sha256 or server_sha, lambda: _file_digest(part, "sha256")),
-              ("md5", md5, lambda: _file_digest(part, "md5"))]
+    checks = [("size", size, lambda: got_size), ("sha256", sha256 or server_sha, lambda: file_digest(part, "sha256")),
+              ("md5", md5, lambda: file_digest(part, "md5"))]
     for name, want, compute in checks:
         if want is not None and compute() != want:
             part.unlink()
@@ -532,7 +533,7 @@ def extract_codes(vq_ckpt, data_path, code_path, image_size=256, ten_crop=False,
                                config=asdict(vq.config)))
     files = {k: code_path / f"{k}.npy" for k in ("codes", "labels", "done")}
     if d.rank == 0:  # rank 0 creates (or checks) the store, then everyone opens it
-        meta["tokenizer"]["sha256"] = _file_digest(vq_ckpt, "sha256")
+        meta["tokenizer"]["sha256"] = file_digest(vq_ckpt, "sha256")
         old = json.loads((code_path / "meta.json").read_text()) if (code_path / "meta.json").is_file() else None
         if old is not None and all(f.is_file() for f in files.values()):
             changed = [k for k in meta if k != "data_path" and old.get(k) != meta[k]]
