@@ -292,7 +292,7 @@ def load_image(path) -> Image.Image:
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); "
-                        f"delete it or pass --skip-bad-images") from None
+                        f"delete or replace it (the trainers and extractors also take --skip-bad-images)") from None
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -497,7 +497,7 @@ class _Crops(torch.utils.data.Dataset):
         return torch.stack([pil_to_tensor(c) for c in augment_crops(img, self.size, self.ten, self.crop_range)]), label, i
 
 
-def _write_json(obj, path):
+def write_json(obj, path):
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
@@ -546,7 +546,7 @@ def extract_codes(vq_ckpt, data_path, code_path, image_size=256, ten_crop=False,
             np.lib.format.open_memmap(files["codes"], "w+", dtype, shape).flush()
             np.save(files["labels"], np.full(len(folder), BAD_LABEL, dtype=np.int64))
             np.save(files["done"], np.zeros(len(folder), dtype=bool))
-            _write_json({**meta, "complete": False}, code_path / "meta.json")
+            write_json({**meta, "complete": False}, code_path / "meta.json")
     if d.distributed:
         dist.barrier()
     codes, labels, done = (np.load(f, mmap_mode="r+") for f in files.values())
@@ -573,7 +573,7 @@ def extract_codes(vq_ckpt, data_path, code_path, image_size=256, ten_crop=False,
         bad = np.flatnonzero(done & (labels < 0))
         meta.update(num_done=int(done.sum()), num_valid=int((done & (labels >= 0)).sum()), num_bad=len(bad),
                     bad_files=[str(folder.samples[i][0]) for i in bad], complete=bool(done.all()))
-        _write_json(meta, code_path / "meta.json")
+        write_json(meta, code_path / "meta.json")
     if d.distributed:
         dist.barrier()
     return read_code_meta(code_path)

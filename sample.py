@@ -5,12 +5,17 @@
     python sample.py --model XL --image-size 384           # any released c2i_{B,L,XL,XXL,3B}_{256,384}.pt
     python sample.py --gpt-ckpt results/001-GPT-tiny/checkpoints/last.pt --vq-ckpt results/000-VQ-tiny/checkpoints/last.pt
     torchrun --standalone --nproc_per_node=8 sample.py --model XL --image-size 384 --num-samples 50000 --compile
+    python sample.py --prompt "a photo of a cat on a red sofa" "a watercolor lighthouse"   # t2i_XL_stage1_256.pt
+    python sample.py --image-size 512 --prompt-file prompts.txt --seed 1                    # t2i_XL_stage2_512.pt
 
 Follows the official `sample_c2i.py` (grid) and `sample_c2i_ddp.py` (FID .npz). Released files come from
 the Hugging Face repo FoundationVision/LlamaGen into $LLAMAGEN_CACHE (default ~/.cache/llamagen; $HF_ENDPOINT
 picks a mirror). Defaults: a grid uses the demo settings (cfg 4.0, top-k 2000); --num-samples uses the
 FID settings (the model's recommended cfg, top-k 0), class-balanced labels, images resized to 256
 (--resize-filter antialias, or official = bicubic without antialias), and writes resumable per-batch shards.
+Text-to-image (official sample_t2i.py): --prompt/--prompt-file go through google/flan-t5-xl (the optional
+transformers package, see text.py), or --caption-features gives precomputed T5 features; the released files
+come from peizesun/llamagen_t2i with vq_ds16_t2i.pt, and the defaults are cfg 7.5, top-k 1000.
 """
 import argparse
 import json
@@ -28,6 +33,7 @@ from tqdm import tqdm
 
 import data
 import gpt
+import text
 import vq
 
 HF_REPO = "FoundationVision/LlamaGen"
@@ -35,27 +41,35 @@ RELEASED_GPT = {"GPT-B": {256: "c2i_B_256.pt", 384: "c2i_B_384.pt"},  # preset -
                 "GPT-L": {256: "c2i_L_256.pt", 384: "c2i_L_384.pt"}, "GPT-XL": {384: "c2i_XL_384.pt"},
                 "GPT-XXL": {384: "c2i_XXL_384.pt"}, "GPT-3B": {384: "c2i_3B_384.pt"}}
 RELEASED_VQ = "vq_ds16_c2i.pt"  # VQ-16, the tokenizer of every released c2i GPT
+T2I_REPO, T2I_VQ = "peizesun/llamagen_t2i", "vq_ds16_t2i.pt"  # text-to-image: GPT-XL only, own VQ-16
+RELEASED_T2I = {"GPT-XL": {256: "t2i_XL_stage1_256.pt", 512: "t2i_XL_stage2_512.pt"}}
 FID_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}  # GETTING_STARTED
 DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # official sample_c2i.py
 CLASS_NAMES = Path(__file__).with_name("imagenet_classes.txt")  # ILSVRC-2012 order, synonyms per line
 
 
-def fetch(filename: str, rank: int) -> Path:
+def fetch(filename: str, rank: int, repo: str = HF_REPO) -> Path:
     """Download a released file once: rank 0 first, then the other ranks find it in the cache."""
     if rank == 0:
-        data.download(data.hf_url(HF_REPO, filename))
+        data.download(data.hf_url(repo, filename))
     if dist.is_initialized():
         dist.barrier()
-    return data.download(data.hf_url(HF_REPO, filename))
+    return data.download(data.hf_url(repo, filename))
+
+
+def wants_text(args) -> bool:
+    return bool(args.prompt or args.prompt_file or args.caption_features)
 
 
 def load_models(args, rank):
     """-> (gpt, vq, image size, tag) from local files (official or ours) or the released ones."""
     own = data.load_checkpoint(args.gpt_ckpt) if args.gpt_ckpt else None
+    t2i = wants_text(args)  # prompts pick the released text-to-image files
+    released, repo, released_vq = (RELEASED_T2I, T2I_REPO, T2I_VQ) if t2i else (RELEASED_GPT, HF_REPO, RELEASED_VQ)
     if own is None:
-        name = next((m for m in (args.model, f"GPT-{args.model}") if m in RELEASED_GPT), None)
-        if name is None or (args.image_size or 256) not in RELEASED_GPT[name]:
-            have = ", ".join(f"{m[4:]} {s}" for m in RELEASED_GPT for s in RELEASED_GPT[m])
+        name = "GPT-XL" if t2i else next((m for m in (args.model, f"GPT-{args.model}") if m in released), None)
+        if name is None or (args.image_size or 256) not in released[name]:
+            have = ", ".join(f"{m[4:]} {s}" for m in released for s in released[m])
             raise data.UserError(f"no released GPT {args.model} at --image-size {args.image_size or 256}; "
                                  f"released (--model --image-size): {have}; or pass --gpt-ckpt")
     vq_ckpt = args.vq_ckpt
@@ -63,13 +77,13 @@ def load_models(args, rank):
         arch = ("codebook_size", "codebook_embed_dim", "encoder_ch_mult", "decoder_ch_mult", "z_channels", "ch")
         if any(own["vq_config"].get(k) != getattr(vq.VQConfig.from_name("VQ-16"), k) for k in arch):
             raise data.UserError(f"{args.gpt_ckpt} was trained on codes of its own VQ tokenizer; pass its --vq-ckpt")
-        data.print0(f"no --vq-ckpt: assuming {args.gpt_ckpt} was trained on codes of the released {RELEASED_VQ}")
+        data.print0(f"no --vq-ckpt: assuming {args.gpt_ckpt} was trained on codes of the released {released_vq}")
     try:
-        tokenizer = vq.VQModel.from_checkpoint(data.load_checkpoint(vq_ckpt or fetch(RELEASED_VQ, rank)))
+        tokenizer = vq.VQModel.from_checkpoint(data.load_checkpoint(vq_ckpt or fetch(released_vq, rank, repo)))
         ds = tokenizer.config.downsample
         if own is None:
-            image_size, gpt_file = args.image_size or 256, RELEASED_GPT[name][args.image_size or 256]
-            ckpt = data.load_checkpoint(fetch(gpt_file, rank))
+            image_size, gpt_file = args.image_size or 256, released[name][args.image_size or 256]
+            ckpt = data.load_checkpoint(fetch(gpt_file, rank, repo))
             model = gpt.GPT.from_checkpoint(ckpt, block_size=(image_size // ds) ** 2)
         elif isinstance(own.get("config"), dict):  # ours: the file knows its sizes
             model, gpt_file = gpt.GPT.from_checkpoint(own), args.gpt_ckpt
@@ -150,7 +164,8 @@ def write_npz(path, shards, meta):
 
 def check_args(args):
     """One clear error for an out-of-range flag."""
-    checks = [(args.prompt is not None, "text-to-image sampling (--prompt) is not supported yet; use --labels"),
+    checks = [(wants_text(args) and args.labels is not None, "pass either --labels or prompts, not both"),
+              (wants_text(args) and args.num_samples is not None, "--num-samples (FID .npz) is class-conditional only"),
               (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
               ((args.top_k or 0) < 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
               (args.temperature < 0, f"--temperature must be >= 0, got {args.temperature}"),
@@ -180,13 +195,15 @@ def main(args):
     model.to(device)
     tokenizer.to(device)
     c = model.config
-    if c.model_type != "c2i":
-        raise data.UserError(f"{tag} is a text-to-image GPT; sampling it from --prompt is not supported yet")
+    t2i = c.model_type == "t2i"
+    if t2i != wants_text(args):
+        raise data.UserError(f"{tag} is a text-to-image GPT: pass --prompt, --prompt-file or --caption-features"
+                             if t2i else f"{tag} is class-conditional: pass --labels, not prompts")
     preset = next((n for n, p in gpt.GPT_CONFIGS.items() if (p["dim"], p["n_layer"]) == (c.dim, c.n_layer)), None)
     if args.cfg_scale is None:  # demo: strong guidance for a pretty grid; FID: the paper's per-model value
-        args.cfg_scale = FID_CFG.get(preset, 1.5) if fid else 4.0  # 1.5: the official sample_c2i_ddp default
+        args.cfg_scale = 7.5 if t2i else FID_CFG.get(preset, 1.5) if fid else 4.0  # 1.5: official ddp default
     if args.top_k is None:
-        args.top_k = 0 if fid else 2000
+        args.top_k = 1000 if t2i else 0 if fid else 2000  # t2i: official sample_t2i.py
     K = c.num_classes
     labels = parse_labels(args.labels, K) if args.labels else (DEMO_LABELS if K == 1000 else [i % K for i in range(8)])
     size = args.image_size_eval or (min(image_size, 256) if fid else image_size)  # ADM reference batches: 256
@@ -195,8 +212,9 @@ def main(args):
 
     if not fid:  # one PNG grid of the given (or demo) classes
         gen = torch.Generator(device).manual_seed(args.seed)
-        y = torch.tensor(labels, device=device)
-        x = torch.cat([sample_images(args, model, tokenizer, y[i:i + args.batch_size], size, gen, ctx)
+        y, mask = text.caption_condition(args, c, device) if t2i else (torch.tensor(labels, device=device), None)
+        x = torch.cat([sample_images(args, model, tokenizer, y[i:i + args.batch_size], size, gen, ctx,
+                                     None if mask is None else mask[i:i + args.batch_size])
                        for i in range(0, len(y), args.batch_size)])
         out = data.save_image_grid(x, args.out or f"samples/{tag}-seed{args.seed}.png", nrow=min(4, len(y)))
         print(out)
@@ -249,11 +267,14 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="sample ImageNet classes from LlamaGen (PNG grid or FID .npz)")
     p.add_argument("--model", default="B", help="released GPT: B, L, XL, XXL or 3B (GPT- prefix optional)")
-    p.add_argument("--image-size", type=int, default=None, help="256 or 384 (released; default 256)")
+    p.add_argument("--image-size", type=int, default=None, help="256 or 384 (released; t2i 256 or 512; default 256)")
     p.add_argument("--gpt-ckpt", default=None, help="local GPT file, official or ours (then no model flags)")
     p.add_argument("--vq-ckpt", default=None, help="local VQ file; default: released vq_ds16_c2i.pt")
     p.add_argument("--labels", nargs="+", default=None, help="class ids or ImageNet names (default: demo classes)")
-    p.add_argument("--prompt", action="append", default=None, help="text-to-image prompt (not supported yet)")
+    p.add_argument("--prompt", nargs="+", action="extend", default=None, help="text-to-image prompts")
+    p.add_argument("--prompt-file", default=None, help="text-to-image prompts, one per line")
+    p.add_argument("--caption-features", default=None, help=".pt/.npz with emb (B, 120, 2048) + mask, not prompts")
+    p.add_argument("--t5-path", default=None, help="local google/flan-t5-xl folder (default: Hugging Face cache)")
     p.add_argument("--cfg-scale", type=float, default=None, help="default 4.0 for a grid, model's FID cfg for .npz")
     p.add_argument("--cfg-interval", type=float, default=-1, help="guide only decode steps <= this (-1: all)")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -4,9 +4,12 @@
     torchrun --standalone --nproc_per_node=8 train_gpt.py --model XL --code-path codes/ --vq-ckpt vq_ds16_c2i.pt
     torchrun --standalone --nproc_per_node=8 train_gpt.py --model 3B --code-path codes/ --fsdp
     python train_gpt.py --resume results/000-GPT-tiny/checkpoints/last.pt --code-path data/toy-codes
+    python train_gpt.py --model tiny --code-path data/toy-t2i-codes --max-steps 300   # text-to-image
 
 Codes come from `python data.py extract`; vocabulary, block size and class count are read from their
-meta.json. The official recipe is the default: AdamW (0.9, 0.95), wd 0.05 on matrices and
+meta.json. A store from `python text.py extract` (meta.json model_type "t2i": codes + T5 caption
+features) trains the text-conditional model (official train_t2i.py); its bad records are skipped by the
+loss (valid = 0) and counted in the log. The official recipe is the default: AdamW (0.9, 0.95), wd 0.05 on matrices and
 embeddings, constant lr 1e-4, global batch 256, clip 1.0, dropouts 0.1, bf16 autocast on GPUs
 (fp32 on the CPU, where bf16 autocast is slower and only approximates). Unlike the official
 trainer, --resume continues mid-epoch exactly (data order, RNG, optimizer, EMA) and
@@ -30,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
+import text
 from gpt import GPT, GPT_CONFIGS, GPTConfig, generate, resolve_model_name
 
 
@@ -105,7 +109,9 @@ def main(args):
         raise data.UserError(f"--global-batch-size {args.global_batch_size} must be a multiple of processes "
                              f"({d.world_size}) x --gradient-accumulation-steps ({args.gradient_accumulation_steps})")
     ckpt = data.load_checkpoint(args.resume) if args.resume else None
-    dataset = data.CodeDataset(args.code_path, args.extra_code_path, args.extra_prob, seed=args.global_seed)
+    t2i = data.read_code_meta(args.code_path).get("model_type") == "t2i"  # a `text.py extract` store
+    dataset = text.CaptionCodeDataset(args.code_path) if t2i else \
+        data.CodeDataset(args.code_path, args.extra_code_path, args.extra_prob, seed=args.global_seed)
     meta = dataset.meta
     if ckpt is not None:  # the model is the checkpoint's; the data must fit it
         config = GPTConfig(**ckpt["config"])
@@ -117,7 +123,9 @@ def main(args):
         config = GPTConfig.from_name(args.model, vocab_size=dataset.vocab_size, block_size=dataset.block_size,
                                      num_classes=dataset.num_classes, class_dropout_prob=args.class_dropout_prob,
                                      token_dropout_p=args.dropout, resid_dropout_p=resid, ffn_dropout_p=resid,
-                                     drop_path_rate=args.drop_path)
+                                     drop_path_rate=args.drop_path, **(dict(
+                                         model_type="t2i", cls_token_num=dataset.max_tokens,
+                                         caption_dim=dataset.caption_dim) if t2i else {}))
 
     # model: same init on every rank (FSDP2 does not broadcast), then per-rank seeds (DiT)
     torch.manual_seed(args.global_seed)
@@ -139,6 +147,9 @@ def main(args):
     data.print0(f"{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters "
                 f"(vocab {config.vocab_size}, {config.block_size} tokens, {config.num_classes} classes), "
                 f"{len(dataset)} sequences, {d.world_size} x {micro} x {args.gradient_accumulation_steps}, {precision}")
+    if t2i:
+        data.print0(f"text-to-image: {int((~dataset.valid).sum())} of {len(dataset)} records are bad (unreadable "
+                    f"or small image, no caption) and will be skipped by the loss")
 
     # AdamW, weight decay on matrices and embeddings only (dim >= 2), fused on GPUs
     params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -196,11 +207,14 @@ def main(args):
     def sample_grid(step):
         """Every rank samples (sharded weights need all of them); rank 0 writes the PNG."""
         labels = torch.linspace(0, config.num_classes - 1, min(8, config.num_classes), device=d.device).long()
+        emb_mask = None
+        if t2i:  # the first captions of the data instead of labels
+            labels, emb_mask = (t.to(d.device) for t in dataset.captions(8))
         if args.fsdp:
             raw_model.unshard()  # root params (embeddings, output) stay gathered for the KV-cache decode
         with ctx:
             cfg = args.cfg_scale if config.class_dropout_prob > 0 else 1.0  # no null class, no guidance
-            codes = generate(raw_model, labels, cfg_scale=cfg,
+            codes = generate(raw_model, labels, cfg_scale=cfg, emb_mask=emb_mask,
                              generator=torch.Generator(d.device).manual_seed(args.global_seed))
         if args.fsdp:
             raw_model.reshard()
@@ -212,6 +226,7 @@ def main(args):
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=d.rank != 0, desc="train")
     log_loss, log_steps, t0 = torch.zeros((), device=d.device), 0, time.time()
+    skipped = torch.zeros((), device=d.device, dtype=torch.long)  # t2i samples with valid = 0
     while step < total_steps:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -223,15 +238,18 @@ def main(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro_step in range(args.gradient_accumulation_steps):
-                z, y = next(loader)  # (micro, block_size), (micro,)
-                z, y = z.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                z, y, *extra = (t.to(d.device, non_blocking=True) for t in next(loader))
+                # z (micro, block_size); y labels (micro,), or t2i captions (micro, T, D) + mask, valid
+                extra = dict(emb_mask=extra[0], valid=extra[1]) if t2i else {}
+                if t2i:
+                    skipped += (~extra["valid"]).sum()
                 last = micro_step == args.gradient_accumulation_steps - 1
                 if args.fsdp:
                     raw_model.set_requires_gradient_sync(last)
                 sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
                 with sync:
                     with ctx:  # (None, mean CE over B x block_size) without the full fp32 logits
-                        _, loss = model(z[:, :-1], y, targets=z, return_logits=False)
+                        _, loss = model(z[:, :-1], y, targets=z, return_logits=False, **extra)
                     scaler.scale(loss / args.gradient_accumulation_steps).backward()
                 log_loss += loss.detach() / args.gradient_accumulation_steps
             scaler.unscale_(optimizer)
@@ -246,11 +264,14 @@ def main(args):
             if step % args.log_every == 0 or step == total_steps:
                 if d.distributed:
                     dist.all_reduce(log_loss)
+                    dist.all_reduce(skipped)
                 loss_avg = log_loss.item() / log_steps / d.world_size
                 norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 dt = time.time() - t0
                 logger.log({"step": step, "epoch": epoch, "loss": loss_avg, "lr": lr, "grad_norm": norm.item(),
-                            "tokens_per_s": log_steps * args.global_batch_size * config.block_size / dt})
+                            "tokens_per_s": log_steps * args.global_batch_size * config.block_size / dt,
+                            **({"skipped": int(skipped)} if t2i else {})})
+                skipped.zero_()
                 bar.set_postfix(loss=f"{loss_avg:.4f}")
                 log_loss.zero_()
                 log_steps, t0 = 0, time.time()

@@ -116,7 +116,7 @@ def test_class_names_resolve():
 @pytest.mark.parametrize("argv, match", [
     (["--top-p", "0"], "top-p"), (["--top-p", "1.5"], "top-p"), (["--top-k", "-1"], "top-k"),
     (["--temperature", "-0.5"], "temperature"), (["--batch-size", "0"], "batch-size"),
-    (["--num-samples", "0"], "num-samples"), (["--prompt", "a cat"], "not supported yet"),
+    (["--num-samples", "0"], "num-samples"), (["--prompt", "a cat", "--num-samples", "8"], "class-conditional only"),
     (["--model", "XL", "--image-size", "256"], "no released GPT XL at --image-size 256"),
     (["--image-size", "512"], "no released GPT B at --image-size 512"), (["--model", "7B"], "no released GPT 7B"),
 ])
