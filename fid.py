@@ -14,7 +14,7 @@ images, or a statistics file written by --save-stats (the ADM keys plus pool3 fe
 for precision/recall and IS, plus the preprocessing mode).
 """
 import argparse
-import hashlib
+import math
 import os
 import warnings
 import zipfile
@@ -198,8 +198,34 @@ def preprocess(images: torch.Tensor, mode: str = "adm") -> torch.Tensor:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def random_inception_weights(shapes: dict, seed: int = 0) -> dict:
+    """Seeded random weights in the official layout (keys in sorted order, one draw each, He-init convs)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name.endswith("running_var"):  # positive BN variances
+            sd[name] = torch.rand(shape, generator=g) + 0.5
+            continue
+        r = torch.randn(shape, generator=g)
+        if name.endswith("conv.weight"):  # He init keeps activations O(1) through 94 conv layers
+            sd[name] = r * math.sqrt(2 / math.prod(shape[1:]))
+        elif name.endswith("bn.weight"):
+            sd[name] = 1 + 0.1 * r
+        elif name == "fc.weight":
+            sd[name] = 0.05 * r
+        else:  # bn.bias, bn.running_mean, fc.bias
+            sd[name] = 0.1 * r
+    return sd
+
+
 def load_inception(weights=None) -> InceptionV3:
-    """The FID Inception in eval mode, from `weights` or from pytorch-fid's release (cached)."""
+    """The FID Inception in eval mode, from `weights`, pytorch-fid's release (cached), or "random"."""
+    if weights == "random":  # offline smoke runs: numbers comparable only with other "random" runs
+        model = InceptionV3()
+        shapes = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+        model.load_state_dict(random_inception_weights(shapes), strict=False)
+        return model.eval()
     if weights is None:
         try:
             weights = data.download(WEIGHTS_URL, desc="FID Inception weights")
@@ -208,8 +234,7 @@ def load_inception(weights=None) -> InceptionV3:
     if not os.path.isfile(weights):
         raise data.UserError(f"Inception weights {weights} not found; pass the path of "
                              f"pt_inception-2015-12-05-6726825d.pth ({WEIGHTS_URL})")
-    with open(weights, "rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    sha = data.file_digest(weights, "sha256")
     if not sha.startswith(WEIGHTS_SHA256_PREFIX):
         warnings.warn(f"{weights}: sha256 {sha[:8]}... does not start with {WEIGHTS_SHA256_PREFIX}; "
                       f"FIDs may not be comparable with published ones")
@@ -442,7 +467,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding processes for folders")
     p.add_argument("--image-size", type=int, default=None, help="center-crop folder images to N x N (rFID: 256)")
-    p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth, or "
+                   "'random' (seeded random weights, no download: only for comparing runs made the same way)")
     p.add_argument("--save-stats", default=None, help="write the last path's statistics (rFID: the originals')")
     p.add_argument("--rfid", action="store_true", help="tokenizer rFID: reconstruct one folder through --vq-ckpt")
     p.add_argument("--vq-ckpt", default=None)
@@ -455,7 +481,9 @@ def main(args):
     if args.device.startswith("cuda"):
         torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, as the reference graph
     model = load_inception(args.inception_weights).to(args.device)
-    results = {"mode": args.mode}
+    # the label printed beside every number; random weights are never comparable with published FIDs
+    label = args.mode + ("/random-weights" if args.inception_weights == "random" else "")
+    results = {"mode": label}
     if args.rfid:
         originals, recon, results["psnr"], results["codebook_usage"] = reconstruct(model, args)
         ref, sam = statistics(originals, args.mode), statistics(recon, args.mode)
@@ -475,12 +503,12 @@ def main(args):
                                                                    torch.from_numpy(sam["pool3"]))
     ref_n = f"{ref['n']} images" if ref["n"] else "precomputed statistics"
     what = f"tokenizer {args.vq_ckpt}: originals" if args.rfid else "reference"
-    print(f"{what} {ref_n} | {'reconstructions' if args.rfid else 'samples'} {sam['n']} images | mode {args.mode}")
+    print(f"{what} {ref_n} | {'reconstructions' if args.rfid else 'samples'} {sam['n']} images | mode {label}")
     names = dict(fid="rFID" if args.rfid else "FID", sfid="sFID", inception_score="Inception Score",
                  precision="Precision", recall="Recall", psnr="PSNR (dB)", codebook_usage="Codebook usage")
     for key, name in names.items():
         if key in results:
-            print(f"{name + ' (' + args.mode + ')':<28} {results[key]:.4f}")
+            print(f"{name + ' (' + label + ')':<28} {results[key]:.4f}")
     return results
 
 
