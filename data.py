@@ -295,6 +295,17 @@ def load_image(path) -> Image.Image:
                         f"delete or replace it (the trainers and extractors also take --skip-bad-images)") from None
 
 
+def load_image_or_skip(path, skip_bad: bool):
+    """load_image, but an unreadable file gives None (and a warning) when skip_bad is set."""
+    try:
+        return load_image(path)
+    except UserError:
+        if not skip_bad:
+            raise
+        print(f"skipping unreadable image {path}", file=sys.stderr)
+        return None
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float in [-1, 1]."""
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -393,12 +404,8 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         """-> (image (3, S, S) in [-1, 1], label); label BAD_LABEL for an unreadable file if skip_bad."""
         path, label = self.samples[i]
-        try:
-            img = load_image(path)
-        except UserError:
-            if not self.skip_bad:
-                raise
-            print(f"skipping unreadable image {path}", file=sys.stderr)
+        img = load_image_or_skip(path, self.skip_bad)
+        if img is None:
             return torch.zeros(3, self.image_size, self.image_size), BAD_LABEL
         if self.augment == "random":
             rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
@@ -487,12 +494,8 @@ class _Crops(torch.utils.data.Dataset):
     def __getitem__(self, k):
         i = int(self.indices[k])
         path, label = self.samples[i]
-        try:
-            img = load_image(path)
-        except UserError:
-            if not self.skip_bad:
-                raise
-            print(f"skipping unreadable image {path}", file=sys.stderr)
+        img = load_image_or_skip(path, self.skip_bad)
+        if img is None:
             return torch.zeros(10 if self.ten else 2, 3, self.size, self.size), BAD_LABEL, i
         return torch.stack([pil_to_tensor(c) for c in augment_crops(img, self.size, self.ten, self.crop_range)]), label, i
 

@@ -115,3 +115,27 @@ def toy_folder(tmp_path_factory):
     """A small toy image folder: 4 classes x 8 images of 32 x 32 px."""
     import data
     return data.make_toy_dataset(tmp_path_factory.mktemp("toy"), num_classes=4, per_class=8, size=32)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models run fastest that way, and two spinning OpenMP threads on a
+    busy 2-core machine are several times slower. Modules opt in with pytest.mark.usefixtures."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def vq_ckpt(tmp_path_factory):
+    """A randomly initialised VQ-tiny (downsample 8, 1024 codes) saved in our checkpoint format."""
+    from dataclasses import asdict
+    import torch
+    import data
+    import vq
+    torch.manual_seed(0)
+    model = vq.VQModel(vq.VQConfig.from_name("VQ-tiny"))
+    return data.save_checkpoint({"model": model.state_dict(), "config": asdict(model.config)},
+                                tmp_path_factory.mktemp("vq") / "vq.pt")

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,22 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 S = 32  # toy images are 32 px; VQ-tiny downsamples 8x -> 4 x 4 = 16 tokens
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def vq_ckpt(tmp_path_factory):
-    """A randomly initialised VQ-tiny saved in our checkpoint format."""
-    torch.manual_seed(0)
-    model = vq.VQModel(vq.VQConfig.from_name("tiny"))
-    path = tmp_path_factory.mktemp("vq") / "vq.pt"
-    data.save_checkpoint({"model": model.state_dict(), "config": asdict(model.config)}, path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def extract(vq_ckpt, folder, code_path, **kw):

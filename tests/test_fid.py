@@ -9,7 +9,6 @@ pytorch-fid + torchvision installed (a throwaway venv, not a project dependency)
     python tests/test_fid.py --make-reference
 """
 import dataclasses
-import math
 import sys
 from pathlib import Path
 

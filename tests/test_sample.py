@@ -25,13 +25,7 @@ TINY_VQ = vq.VQConfig(ch=32, encoder_ch_mult=[1] * 5, decoder_ch_mult=[1] * 5, n
                       z_channels=32, codebook_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops are fastest (and steadiest on a busy 2-core box) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_models(block_size=256, num_classes=1000, seed=0):

@@ -53,15 +53,6 @@ def encoder(t5_dir):
 
 
 @pytest.fixture(scope="session")
-def vq_ckpt(tmp_path_factory):
-    """A random VQ-tiny (downsample 8, 1024 codes) saved in our checkpoint format."""
-    torch.manual_seed(0)
-    model = vq.VQModel(vq.VQConfig.from_name("VQ-tiny"))
-    return data.save_checkpoint({"model": model.state_dict(), "config": asdict(model.config)},
-                                tmp_path_factory.mktemp("vq") / "vq.pt")
-
-
-@pytest.fixture(scope="session")
 def toy_jsonl(tmp_path_factory):
     """2 classes x 4 toy images (32 px) with [blip, llava, llava_first] captions, plus 4 bad records."""
     root = tmp_path_factory.mktemp("toy-t2i")

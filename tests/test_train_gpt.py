@@ -22,13 +22,7 @@ import train_gpt
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and 2-core CI machines are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def make_codes(path, n=16, n_aug=2, block_size=16, vocab=64, num_classes=4, seed=0):
@@ -141,18 +135,6 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     b = run(tmp_path, "b", *flags, "--gradient-accumulation-steps", "4")
     np.testing.assert_allclose(losses(a), losses(b), rtol=1e-5)
     assert_state_close(final(a)["model"], final(b)["model"])
-
-
-@pytest.fixture(scope="module")
-def vq_ckpt(tmp_path_factory):
-    """A randomly initialised VQ-tiny (1024 codes) in our checkpoint format."""
-    import vq
-    from dataclasses import asdict
-    torch.manual_seed(0)
-    tok = vq.VQModel(vq.VQConfig.from_name("tiny"))
-    path = tmp_path_factory.mktemp("vq") / "vq.pt"
-    data.save_checkpoint({"model": tok.state_dict(), "config": asdict(tok.config)}, path)
-    return path
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -18,13 +18,7 @@ from train_vq import LPIPS, LPIPS_CHANNELS, PatchGANDiscriminator, main, parse_a
 from vq import VQModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core CPU, two spinning OpenMP threads are several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def softplus(v):
