@@ -478,6 +478,9 @@ def parse_args(argv=None):
 def main(args):
     if len(args.paths) > 2 or (len(args.paths) == 1 and not (args.save_stats or args.rfid)):
         raise data.UserError("give REFERENCE SAMPLES, or one path with --save-stats PATH (or --rfid)")
+    for path in args.paths:  # before the weights download, so a typo costs nothing
+        if not os.path.exists(path):
+            raise data.UserError(f"{path} not found (expected an .npz batch, a statistics .npz or an image folder)")
     if args.device.startswith("cuda"):
         torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, as the reference graph
     model = load_inception(args.inception_weights).to(args.device)

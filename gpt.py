@@ -386,6 +386,8 @@ class GPT(nn.Module):
             except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
                 obj = torch.load(name, map_location="cpu", weights_only=True)
         sd = unwrap_state_dict(obj, prefer_ema)
+        if any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in sd):
+            raise ValueError(f"{name or 'this checkpoint'} is a VQ tokenizer, not a GPT")
         if config is None and isinstance(obj.get("config"), dict):  # our own file
             known = {f.name for f in fields(GPTConfig)}
             config = GPTConfig(**{k: v for k, v in obj["config"].items() if k in known})

@@ -282,6 +282,12 @@ def test_offline_error_names_url():
     assert fid.WEIGHTS_URL in str(e.value) and "--inception-weights" in str(e.value)
 
 
+def test_missing_input_fails_before_any_download(tmp_path):
+    with pytest.raises(data.UserError, match="nope.npz not found"):
+        fid.main(fid.parse_args([str(tmp_path), str(tmp_path / "nope.npz")]))
+    assert not any(data.cache_dir().glob("*"))  # the Inception weights were not even tried
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def _write_pngs(folder, n, size, seed):

@@ -310,6 +310,9 @@ def test_loader_errors_are_clear():
     vq_file = {"model": {"encoder.conv_in.weight": torch.zeros(1), "quantize.codebook_used": torch.zeros(1)}}
     with pytest.raises(ValueError, match="not a GPT"):
         GPT.from_checkpoint(vq_file, image_size=256)
+    ours = {**vq_file, "config": {"codebook_size": 1024, "z_channels": 64}}  # our VQ files carry a config
+    with pytest.raises(ValueError, match="is a VQ tokenizer, not a GPT"):
+        GPT.from_checkpoint(ours)
 
 
 # ---- official reference outputs ----------------------------------------------------------------
