@@ -70,6 +70,29 @@ def test_file_map_lists_every_script_with_its_line_count():
                 f"README says {name} has {count} lines, it has {actual}: update the file map"
 
 
+def readme_command_lines():
+    """(script, argv) of every `python X.py ...` / `torchrun ... X.py ...` line in the README's code blocks."""
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", README.read_text(), flags=re.S)
+    for line in (l.split("#")[0].strip() for b in blocks for l in b.replace("\\\n", " ").splitlines()):
+        words = shlex.split(line) if line.startswith(("python ", "torchrun ")) else []
+        scripts = [i for i, w in enumerate(words) if w.endswith(".py") and "/" not in w and (ROOT / w).is_file()]
+        if scripts and words[:2] != ["python", "-m"]:
+            yield words[scripts[0]], words[scripts[0] + 1:]
+
+
+def test_every_readme_command_parses():
+    import importlib
+    seen = set()
+    for script, argv in readme_command_lines():
+        module = importlib.import_module(script[:-3])
+        try:
+            module.parse_args(argv)
+        except SystemExit:
+            raise AssertionError(f"README: `{script} {' '.join(argv)}` does not parse") from None
+        seen.add(script)
+    assert {"sample.py", "train_vq.py", "train_gpt.py", "data.py", "fid.py", "text.py"} <= seen
+
+
 def test_readme_picture_exists():
     for path in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text()):
         assert (ROOT / path).is_file(), path
