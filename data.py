@@ -227,17 +227,28 @@ def update_ema(ema_model, model, decay: float = 0.9999):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and logs
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves a half-written file."""
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write to a temporary file beside `path`, renamed over it only when the block completes:
+    a crash never leaves a half-written file, and never spoils the previous version."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically."""
+    with atomic_write(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def load_checkpoint(path, mmap=True) -> dict:
@@ -255,6 +266,15 @@ def load_checkpoint(path, mmap=True) -> dict:
     except Exception as e:  # pickle.UnpicklingError for non-plain objects, EOFError, ...
         raise UserError(f"cannot load {path} with weights_only=True ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_tokenizer(path, device="cpu"):
+    """A VQ tokenizer checkpoint (official or ours) in fp32 eval mode, with one-line errors."""
+    from vq import VQModel
+    try:
+        return VQModel.from_checkpoint(load_checkpoint(path)).to(device).float().eval()
+    except ValueError as e:  # wrong kind of file, keys or shapes: the loader says which
+        raise UserError(f"cannot load the tokenizer {path}: {str(e).splitlines()[0]}") from None
 
 
 def make_results_dir(root, name) -> Path:
@@ -501,9 +521,9 @@ class _Crops(torch.utils.data.Dataset):
 
 
 def write_json(obj, path):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """json.dump, atomically."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 @torch.inference_mode()
@@ -512,16 +532,9 @@ def extract_codes(vq_ckpt, data_path, code_path, image_size=256, ten_crop=False,
     """Encode an image folder into code_path with the frozen VQ (fp32, eval); resumable, torchrun-parallel."""
     from tqdm import tqdm
     from dataclasses import asdict
-    from vq import VQModel
-
     d = init_dist()
     vq_ckpt, code_path = Path(vq_ckpt), Path(code_path)
-    if not vq_ckpt.is_file():
-        raise UserError(f"tokenizer checkpoint not found: {vq_ckpt}")
-    try:
-        vq = VQModel.from_checkpoint(str(vq_ckpt)).to(d.device).float().eval()
-    except (ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load the tokenizer {vq_ckpt}: {str(e).splitlines()[0]}") from None
+    vq = load_tokenizer(vq_ckpt, d.device)
     if image_size % vq.config.downsample:
         raise UserError(f"--image-size {image_size} is not a multiple of the tokenizer's downsampling "
                         f"{vq.config.downsample}")

@@ -419,9 +419,8 @@ def load_set(path, model, args):
 
 def save_stats(stats, path):
     """Write a statistics .npz atomically."""
-    with open(f"{path}.tmp", "wb") as f:
+    with data.atomic_write(path) as f:
         np.savez(f, **stats)
-    os.replace(f"{path}.tmp", path)
     print(f"saved statistics of {stats['n']} images to {path}")
 
 
@@ -431,13 +430,9 @@ def save_stats(stats, path):
 @torch.no_grad()
 def reconstruct(model, args):
     """rFID: a folder and its VQ reconstructions through the Inception; PSNR and codebook usage."""
-    import vq
     if args.vq_ckpt is None or len(args.paths) != 1 or not os.path.isdir(args.paths[0]):
         raise data.UserError("--rfid needs --vq-ckpt CKPT and one image folder")
-    try:
-        tokenizer = vq.VQModel.from_checkpoint(args.vq_ckpt).to(args.device).eval()
-    except (OSError, ValueError, RuntimeError) as e:
-        raise data.UserError(f"cannot load --vq-ckpt {args.vq_ckpt}: {e}") from None
+    tokenizer = data.load_tokenizer(args.vq_ckpt, args.device)
     args.image_size = args.image_size or 256
     count, batches = open_images(args.paths[0], args)
     used = torch.zeros(tokenizer.config.codebook_size, dtype=torch.bool, device=args.device)

@@ -19,7 +19,6 @@ come from peizesun/llamagen_t2i with vq_ds16_t2i.pt, and the defaults are cfg 7.
 """
 import argparse
 import json
-import os
 import re
 import sys
 import zipfile
@@ -148,8 +147,7 @@ def write_npz(path, shards, meta):
         with np.load(s) as z:
             labels.append(z["labels"])
             shape = z["images"].shape[1:]
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    with zipfile.ZipFile(tmp, "w") as zf:  # np.savez would need all N images in memory at once
+    with data.atomic_write(path) as out, zipfile.ZipFile(out, "w") as zf:  # np.savez would need all N images in memory at once
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
                                                      "shape": (sum(map(len, labels)), *shape)})
@@ -159,7 +157,6 @@ def write_npz(path, shards, meta):
         for key, arr in (("arr_1", np.concatenate(labels)), ("meta", np.array(json.dumps(meta)))):
             with zf.open(f"{key}.npy", "w") as f:
                 np.lib.format.write_array(f, arr)
-    os.replace(tmp, path)
 
 
 def check_args(args):
@@ -248,10 +245,8 @@ def main(args):
         y = torch.from_numpy(all_labels[i * B:(i + 1) * B]).to(device)
         gen = torch.Generator(device).manual_seed(args.seed * num_shards + i)
         imgs = data.to_uint8(sample_images(args, model, tokenizer, y, size, gen, ctx)).numpy()  # (b, H, W, 3)
-        tmp = shards[i].with_name(f".{shards[i].name}.tmp")
-        with open(tmp, "wb") as f:
+        with data.atomic_write(shards[i]) as f:  # a killed run never leaves a half-written shard
             np.savez(f, images=imgs, labels=y.cpu().numpy())
-        os.replace(tmp, shards[i])  # atomic: a killed run never leaves a half-written shard
     if env.distributed:
         dist.barrier()
     if env.rank == 0:

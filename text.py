@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import UserError, write_json, center_crop_arr, cli, load_image, pil_to_tensor
+from data import UserError, load_tokenizer, write_json, center_crop_arr, cli, load_image, pil_to_tensor
 
 T5_MODEL = "google/flan-t5-xl"  # the official text encoder; its last_hidden_state is 2048 wide
 MAX_TOKENS = 120                # caption slots, = the t2i GPT's cls_token_num
@@ -262,13 +262,9 @@ def extract(data_path, code_path, vq_ckpt, encoder: TextEncoder, image_size=256,
             trunc_caption=False, batch_size=32, num_workers=4, device="cpu") -> dict:
     """JSON-lines captions + images -> the store at code_path (resumes an interrupted run); returns meta."""
     from dataclasses import asdict
-    from vq import VQModel
 
     records, code_path = read_jsonl(data_path), Path(code_path)
-    try:
-        vq = VQModel.from_checkpoint(str(vq_ckpt)).to(device).float().eval()  # fp32, as official
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load the tokenizer {vq_ckpt}: {str(e).splitlines()[0]}") from None
+    vq = load_tokenizer(vq_ckpt, device)  # fp32, as official
     if image_size % vq.config.downsample:
         raise UserError(f"--image-size {image_size} is not a multiple of the tokenizer's downsampling {vq.config.downsample}")
     N, grid = len(records), image_size // vq.config.downsample

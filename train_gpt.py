@@ -181,8 +181,7 @@ def main(args):
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     vq = None
     if args.vq_ckpt and args.sample_every > 0:
-        from vq import VQModel
-        vq = VQModel.from_checkpoint(args.vq_ckpt).to(d.device)
+        vq = data.load_tokenizer(args.vq_ckpt, d.device)
         if vq.config.codebook_size != config.vocab_size:
             raise data.UserError(f"--vq-ckpt has {vq.config.codebook_size} codes, the GPT {config.vocab_size}")
 

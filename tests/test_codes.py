@@ -180,4 +180,4 @@ def test_torchrun_cli_extraction_equals_one_process(vq_ckpt, toy_folder, tmp_pat
     bad = subprocess.run([sys.executable, "data.py", "extract", "--vq-ckpt", str(tmp_path / "missing.pt"),
                           "--data-path", str(toy_folder), "--code-path", str(tmp_path / "x")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "error: tokenizer checkpoint not found" in bad.stderr
+    assert bad.returncode == 2 and "error: checkpoint not found" in bad.stderr

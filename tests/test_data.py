@@ -91,6 +91,26 @@ def test_checkpoint_roundtrip_is_atomic_and_plain(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
 
 
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
+    path = tmp_path / "stats.json"
+    data.write_json({"v": 1}, path)
+    with pytest.raises(KeyboardInterrupt):
+        with data.atomic_write(path, "w") as f:
+            f.write('{"v": 2, "trunc')
+            raise KeyboardInterrupt  # a crash half-way through the write
+    assert json.loads(path.read_text()) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+
+
+def test_load_tokenizer_errors_are_one_line(tmp_path, vq_ckpt):
+    assert data.load_tokenizer(vq_ckpt).config.codebook_size == 1024
+    data.save_checkpoint({"model": {"tok_embeddings.weight": torch.zeros(4, 2)}}, tmp_path / "gpt.pt")
+    with pytest.raises(data.UserError, match=r"cannot load the tokenizer .*gpt\.pt: this is a GPT checkpoint") as e:
+        data.load_tokenizer(tmp_path / "gpt.pt")
+    assert "\n" not in str(e.value)
+    with pytest.raises(data.UserError, match="checkpoint not found"):
+        data.load_tokenizer(tmp_path / "missing.pt")
+
+
 def test_load_checkpoint_errors_are_one_line(tmp_path):
     with pytest.raises(data.UserError, match="checkpoint not found"):
         data.load_checkpoint(tmp_path / "missing.pt")
