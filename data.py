@@ -9,6 +9,7 @@ checkpoints, EMA, autocast, RNG state, JSON-lines logs, one-line user errors.
     torchrun --nproc_per_node=8 data.py extract --vq-ckpt vq_ds16_c2i.pt --data-path imagenet/train
         --code-path codes/in256-tencrop --image-size 256 --ten-crop --crop-range 1.1   # (one line); then 1.05
 """
+
 import contextlib
 import hashlib
 import json
@@ -47,6 +48,7 @@ def cli(main, parse_args):
 # ----------------------------------------------------------------------------------------------
 # Downloads: one cache directory, resumable, atomic, verified
 
+
 def cache_dir() -> Path:
     """Where downloads live: $LLAMAGEN_CACHE, else ~/.cache/llamagen."""
     return Path(os.environ.get("LLAMAGEN_CACHE", Path.home() / ".cache" / "llamagen")).expanduser()
@@ -77,7 +79,9 @@ def _server_sha256(response):
     return None
 
 
-def download(url, filename=None, sha256=None, md5=None, size=None, desc=None, cache=None, retries=3) -> Path:
+def download(
+    url, filename=None, sha256=None, md5=None, size=None, desc=None, cache=None, retries=3
+) -> Path:
     """Return the cached path of `url`, downloading it first if needed (resumes a partial `.part`)."""
     import requests
     from tqdm import tqdm
@@ -89,12 +93,16 @@ def download(url, filename=None, sha256=None, md5=None, size=None, desc=None, ca
         want = size or known.get("size")
         if want is None or dest.stat().st_size == want:
             return dest
-        print(f"cached {dest} has the wrong size ({dest.stat().st_size} != {want}); downloading again")
+        print(
+            f"cached {dest} has the wrong size ({dest.stat().st_size} != {want}); downloading again"
+        )
         dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    hint = (f"download it by hand from {url} and put it at {dest} "
-            f"(the cache directory is set by LLAMAGEN_CACHE)")
+    hint = (
+        f"download it by hand from {url} and put it at {dest} "
+        f"(the cache directory is set by LLAMAGEN_CACHE)"
+    )
     server_sha = None
     for attempt in range(retries):
         offset = part.stat().st_size if part.exists() else 0
@@ -114,31 +122,49 @@ def download(url, filename=None, sha256=None, md5=None, size=None, desc=None, ca
             length = r.headers.get("Content-Length")
             total = offset + int(length) if length is not None else size
             try:
-                with open(part, "ab" if offset else "wb") as f, tqdm(
-                        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                        desc=desc or dest.name, disable=None) as bar:
+                with (
+                    open(part, "ab" if offset else "wb") as f,
+                    tqdm(
+                        total=total,
+                        initial=offset,
+                        unit="B",
+                        unit_scale=True,
+                        unit_divisor=1024,
+                        desc=desc or dest.name,
+                        disable=None,
+                    ) as bar,
+                ):
                     for chunk in r.iter_content(chunk_size=1 << 16):
                         f.write(chunk)
                         bar.update(len(chunk))
             except (requests.RequestException, OSError) as e:
                 if attempt == retries - 1:
-                    raise UserError(f"download of {url} was interrupted ({type(e).__name__}); "
-                                    f"run again to resume from {part}") from None
+                    raise UserError(
+                        f"download of {url} was interrupted ({type(e).__name__}); "
+                        f"run again to resume from {part}"
+                    ) from None
                 print(f"download interrupted ({type(e).__name__}); resuming")
                 continue
             if total is not None and part.stat().st_size < total:
                 if attempt == retries - 1:
-                    raise UserError(f"download of {url} ended early; run again to resume from {part}")
+                    raise UserError(
+                        f"download of {url} ended early; run again to resume from {part}"
+                    )
                 continue
             break
     got_size = part.stat().st_size
-    checks = [("size", size, lambda: got_size), ("sha256", sha256 or server_sha, lambda: file_digest(part, "sha256")),
-              ("md5", md5, lambda: file_digest(part, "md5"))]
+    checks = [
+        ("size", size, lambda: got_size),
+        ("sha256", sha256 or server_sha, lambda: file_digest(part, "sha256")),
+        ("md5", md5, lambda: file_digest(part, "md5")),
+    ]
     for name, want, compute in checks:
         if want is not None and compute() != want:
             part.unlink()
-            raise UserError(f"{name} check failed for {url} (expected {want}); the corrupt file was "
-                            f"removed, run again or {hint}")
+            raise UserError(
+                f"{name} check failed for {url} (expected {want}); the corrupt file was "
+                f"removed, run again or {hint}"
+            )
     os.replace(part, dest)
     meta_path.write_text(json.dumps({"url": url, "size": got_size, "sha256": sha256 or server_sha}))
     return dest
@@ -146,6 +172,7 @@ def download(url, filename=None, sha256=None, md5=None, size=None, desc=None, ca
 
 # ----------------------------------------------------------------------------------------------
 # Distributed, precision, RNG, EMA
+
 
 @dataclass
 class Dist:
@@ -189,14 +216,19 @@ def autocast_ctx(device, precision: str):
         raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     if precision not in ("bf16", "fp16"):
         raise UserError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
-    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(
+        device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16
+    )
 
 
 def get_rng_state() -> dict:
     """Python, numpy and torch RNG states as plain types (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                    has_gauss, cached], "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -226,6 +258,7 @@ def update_ema(ema_model, model, decay: float = 0.9999):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and logs
+
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
@@ -259,18 +292,25 @@ def load_checkpoint(path, mmap=True) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except RuntimeError as e:
-        if mmap and "mmap" in str(e):  # files in the legacy (pre-zip) format cannot be memory-mapped
+        if mmap and "mmap" in str(
+            e
+        ):  # files in the legacy (pre-zip) format cannot be memory-mapped
             return load_checkpoint(path, mmap=False)
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                        f"{str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{str(e).splitlines()[0]}"
+        ) from None
     except Exception as e:  # pickle.UnpicklingError for non-plain objects, EOFError, ...
-        raise UserError(f"cannot load {path} with weights_only=True ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(
+            f"cannot load {path} with weights_only=True ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def load_tokenizer(path, device="cpu"):
     """A VQ tokenizer checkpoint (official or ours) in fp32 eval mode, with one-line errors."""
     from vq import VQModel
+
     try:
         return VQModel.from_checkpoint(load_checkpoint(path)).to(device).float().eval()
     except ValueError as e:  # wrong kind of file, keys or shapes: the loader says which
@@ -305,14 +345,17 @@ class JsonlLogger:
 # ----------------------------------------------------------------------------------------------
 # Images: decoding, ADM crops, grids
 
+
 def load_image(path) -> Image.Image:
     """Open an image as RGB; a corrupt or unreadable file raises a UserError naming it."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); "
-                        f"delete or replace it (the trainers and extractors also take --skip-bad-images)") from None
+        raise UserError(
+            f"cannot read image {path} ({type(e).__name__}: {e}); "
+            f"delete or replace it (the trainers and extractors also take --skip-bad-images)"
+        ) from None
 
 
 def load_image_or_skip(path, skip_bad: bool):
@@ -346,7 +389,10 @@ def save_image_grid(x: torch.Tensor, path, nrow=None, pad=2) -> Path:
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, img in enumerate(imgs):
         r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + c * (w + pad) : pad + c * (w + pad) + w,
+        ] = img
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
@@ -379,9 +425,12 @@ def random_crop_arr(img: Image.Image, size: int, min_crop_frac=0.8, max_crop_fra
 # ----------------------------------------------------------------------------------------------
 # Class-per-folder image datasets
 
+
 def list_images(folder):
     """Every image file below `folder`, sorted, recursive."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(
+        p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -398,14 +447,22 @@ class ImageFolder(torch.utils.data.Dataset):
             raise UserError(f"image folder not found: {root}")
         annotations = root / "val_annotations.txt"
         if annotations.is_file():  # tiny-ImageNet val: one flat images/ folder + a label file
-            pairs = [line.split("\t")[:2] for line in annotations.read_text().splitlines() if line.strip()]
+            pairs = [
+                line.split("\t")[:2]
+                for line in annotations.read_text().splitlines()
+                if line.strip()
+            ]
             wnids = root.parent / "wnids.txt"
-            self.classes = sorted(wnids.read_text().split() if wnids.is_file() else {c for _, c in pairs})
+            self.classes = sorted(
+                wnids.read_text().split() if wnids.is_file() else {c for _, c in pairs}
+            )
             index = {c: i for i, c in enumerate(self.classes)}
             self.samples = sorted((root / "images" / f, index[c]) for f, c in pairs)
         else:
             self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-            self.samples = [(p, i) for i, c in enumerate(self.classes) for p in list_images(root / c)]
+            self.samples = [
+                (p, i) for i, c in enumerate(self.classes) for p in list_images(root / c)
+            ]
             if not self.classes:  # a flat folder of images: one class
                 self.classes, self.samples = [root.name], [(p, 0) for p in list_images(root)]
         if not self.samples:
@@ -443,31 +500,55 @@ def make_toy_dataset(root, num_classes=4, per_class=32, size=64, seed=0) -> Path
     Small enough for a tiny tokenizer and GPT to learn on a CPU in minutes, and different enough
     that a grid of samples shows at a glance whether the class condition works.
     """
-    names = ["red-disc", "green-stripes", "blue-checker", "yellow-ring", "magenta-square", "cyan-cross",
-             "orange-diagonal", "white-dots"]
-    colours = [(220, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 50, 220), (40, 220, 230),
-               (250, 140, 20), (240, 240, 240)]
+    names = [
+        "red-disc",
+        "green-stripes",
+        "blue-checker",
+        "yellow-ring",
+        "magenta-square",
+        "cyan-cross",
+        "orange-diagonal",
+        "white-dots",
+    ]
+    colours = [
+        (220, 40, 40),
+        (40, 200, 60),
+        (50, 80, 230),
+        (240, 220, 40),
+        (220, 50, 220),
+        (40, 220, 230),
+        (250, 140, 20),
+        (240, 240, 240),
+    ]
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size  # (S, S) coordinates in [0, 1)
     root = Path(root)
     for k in range(num_classes):
-        shape, colour = k % len(names), np.array(colours[k % len(colours)]) * (1 - 0.25 * (k // len(names)))
+        shape, colour = (
+            k % len(names),
+            np.array(colours[k % len(colours)]) * (1 - 0.25 * (k // len(names))),
+        )
         folder = root / f"{k:03d}-{names[shape]}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             cx, cy = rng.uniform(0.3, 0.7, 2)
             r, phase, freq = rng.uniform(0.15, 0.3), rng.uniform(0, 1), rng.uniform(3, 5)
-            masks = [(xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2,  # disc
-                     np.sin(2 * np.pi * (freq * yy + phase)) > 0,  # horizontal stripes
-                     ((xx * freq + phase).astype(int) + (yy * freq).astype(int)) % 2 == 0,  # checkerboard
-                     np.abs(np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) - r) < 0.06,  # ring
-                     (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r),  # square
-                     (np.abs(xx - cx) < r / 3) | (np.abs(yy - cy) < r / 3),  # cross
-                     np.sin(2 * np.pi * (freq * (xx + yy) / 2 + phase)) > 0,  # diagonal stripes
-                     (np.sin(2 * np.pi * freq * xx) * np.sin(2 * np.pi * freq * yy)) > 0.5]  # dots
+            masks = [
+                (xx - cx) ** 2 + (yy - cy) ** 2 < r**2,  # disc
+                np.sin(2 * np.pi * (freq * yy + phase)) > 0,  # horizontal stripes
+                ((xx * freq + phase).astype(int) + (yy * freq).astype(int)) % 2
+                == 0,  # checkerboard
+                np.abs(np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) - r) < 0.06,  # ring
+                (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r),  # square
+                (np.abs(xx - cx) < r / 3) | (np.abs(yy - cy) < r / 3),  # cross
+                np.sin(2 * np.pi * (freq * (xx + yy) / 2 + phase)) > 0,  # diagonal stripes
+                (np.sin(2 * np.pi * freq * xx) * np.sin(2 * np.pi * freq * yy)) > 0.5,
+            ]  # dots
             background = rng.uniform(10, 60, 3)
             img = np.where(masks[shape][..., None], colour * rng.uniform(0.8, 1.0), background)
-            img = img + rng.normal(0, 6, img.shape)  # a little texture so no two images are identical
+            img = img + rng.normal(
+                0, 6, img.shape
+            )  # a little texture so no two images are identical
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
     return root
 
@@ -481,13 +562,20 @@ def make_toy_dataset(root, num_classes=4, per_class=32, size=64, seed=0) -> Path
 # every rank writes in place, so under torchrun keep code_path on the node's own disk (or a
 # filesystem with coherent shared mmap); a rerun skips rows already marked done.
 
+
 def ten_crop(img: Image.Image, size: int, crop_range: float = 1.1) -> list:
     """Official --ten-crop: ADM centre crop to int(size * crop_range), then torchvision TenCrop(size)."""
     img = center_crop_arr(img, int(size * crop_range))
     crops = []
-    for im in (img, img.transpose(Image.FLIP_LEFT_RIGHT)):  # TenCrop = FiveCrop(img) + FiveCrop(flip(img))
+    for im in (
+        img,
+        img.transpose(Image.FLIP_LEFT_RIGHT),
+    ):  # TenCrop = FiveCrop(img) + FiveCrop(flip(img))
         w, h = im.size
-        cx, cy = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))  # torchvision center_crop
+        cx, cy = (
+            int(round((w - size) / 2.0)),
+            int(round((h - size) / 2.0)),
+        )  # torchvision center_crop
         for left, top in ((0, 0), (w - size, 0), (0, h - size), (w - size, h - size), (cx, cy)):
             crops.append(im.crop((left, top, left + size, top + size)))
     return crops
@@ -517,7 +605,13 @@ class _Crops(torch.utils.data.Dataset):
         img = load_image_or_skip(path, self.skip_bad)
         if img is None:
             return torch.zeros(10 if self.ten else 2, 3, self.size, self.size), BAD_LABEL, i
-        return torch.stack([pil_to_tensor(c) for c in augment_crops(img, self.size, self.ten, self.crop_range)]), label, i
+        return (
+            torch.stack(
+                [pil_to_tensor(c) for c in augment_crops(img, self.size, self.ten, self.crop_range)]
+            ),
+            label,
+            i,
+        )
 
 
 def write_json(obj, path):
@@ -527,35 +621,65 @@ def write_json(obj, path):
 
 
 @torch.inference_mode()
-def extract_codes(vq_ckpt, data_path, code_path, image_size=256, ten_crop=False, crop_range=1.1,
-                  batch_size=32, num_workers=4, skip_bad=False, flush_every=20) -> dict:
+def extract_codes(
+    vq_ckpt,
+    data_path,
+    code_path,
+    image_size=256,
+    ten_crop=False,
+    crop_range=1.1,
+    batch_size=32,
+    num_workers=4,
+    skip_bad=False,
+    flush_every=20,
+) -> dict:
     """Encode an image folder into code_path with the frozen VQ (fp32, eval); resumable, torchrun-parallel."""
     from tqdm import tqdm
     from dataclasses import asdict
+
     d = init_dist()
     vq_ckpt, code_path = Path(vq_ckpt), Path(code_path)
     vq = load_tokenizer(vq_ckpt, d.device)
     if image_size % vq.config.downsample:
-        raise UserError(f"--image-size {image_size} is not a multiple of the tokenizer's downsampling "
-                        f"{vq.config.downsample}")
+        raise UserError(
+            f"--image-size {image_size} is not a multiple of the tokenizer's downsampling "
+            f"{vq.config.downsample}"
+        )
     folder = ImageFolder(data_path, augment=None)
     grid, n_aug = image_size // vq.config.downsample, 10 if ten_crop else 2
-    dtype = np.uint16 if vq.config.codebook_size <= 2 ** 16 else np.int32
-    meta = dict(vocab_size=vq.config.codebook_size, grid_size=grid, block_size=grid * grid,
-                image_size=image_size, num_classes=len(folder.classes), classes=folder.classes,
-                num_images=len(folder), n_aug=n_aug, ten_crop=ten_crop, crop_range=crop_range if ten_crop else 1.0,
-                dtype=np.dtype(dtype).name, data_path=str(Path(data_path).resolve()),
-                tokenizer=dict(path=str(vq_ckpt.resolve()), size=vq_ckpt.stat().st_size,
-                               config=asdict(vq.config)))
+    dtype = np.uint16 if vq.config.codebook_size <= 2**16 else np.int32
+    meta = dict(
+        vocab_size=vq.config.codebook_size,
+        grid_size=grid,
+        block_size=grid * grid,
+        image_size=image_size,
+        num_classes=len(folder.classes),
+        classes=folder.classes,
+        num_images=len(folder),
+        n_aug=n_aug,
+        ten_crop=ten_crop,
+        crop_range=crop_range if ten_crop else 1.0,
+        dtype=np.dtype(dtype).name,
+        data_path=str(Path(data_path).resolve()),
+        tokenizer=dict(
+            path=str(vq_ckpt.resolve()), size=vq_ckpt.stat().st_size, config=asdict(vq.config)
+        ),
+    )
     files = {k: code_path / f"{k}.npy" for k in ("codes", "labels", "done")}
     if d.rank == 0:  # rank 0 creates (or checks) the store, then everyone opens it
         meta["tokenizer"]["sha256"] = file_digest(vq_ckpt, "sha256")
-        old = json.loads((code_path / "meta.json").read_text()) if (code_path / "meta.json").is_file() else None
+        old = (
+            json.loads((code_path / "meta.json").read_text())
+            if (code_path / "meta.json").is_file()
+            else None
+        )
         if old is not None and all(f.is_file() for f in files.values()):
             changed = [k for k in meta if k != "data_path" and old.get(k) != meta[k]]
             if changed:
-                raise UserError(f"{code_path} holds codes made with a different {', '.join(changed)}; "
-                                f"pass a new --code-path or delete that folder")
+                raise UserError(
+                    f"{code_path} holds codes made with a different {', '.join(changed)}; "
+                    f"pass a new --code-path or delete that folder"
+                )
         else:
             code_path.mkdir(parents=True, exist_ok=True)
             shape = (len(folder), n_aug, grid * grid)
@@ -566,18 +690,24 @@ def extract_codes(vq_ckpt, data_path, code_path, image_size=256, ten_crop=False,
     if d.distributed:
         dist.barrier()
     codes, labels, done = (np.load(f, mmap_mode="r+") for f in files.values())
-    mine = np.flatnonzero(~done)[d.rank::d.world_size]  # what is left, shared out over ranks
+    mine = np.flatnonzero(~done)[d.rank :: d.world_size]  # what is left, shared out over ranks
     loader = torch.utils.data.DataLoader(
         _Crops(folder.samples, mine, image_size, ten_crop, crop_range, skip_bad),
-        batch_size=batch_size, num_workers=num_workers)
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
     finished = []
-    for b, (x, y, idx) in enumerate(tqdm(loader, desc=f"encoding {len(mine)} images", disable=d.rank != 0)):
+    for b, (x, y, idx) in enumerate(
+        tqdm(loader, desc=f"encoding {len(mine)} images", disable=d.rank != 0)
+    ):
         idx = idx.numpy()
         _, _, ind = vq.encode(x.flatten(0, 1).to(d.device))  # (B * n_aug * h * w,)
         codes[idx] = ind.view(len(idx), n_aug, -1).cpu().numpy().astype(dtype)
         labels[idx] = y.numpy()
         finished.append(idx)
-        if (b + 1) % flush_every == 0 or b == len(loader) - 1:  # codes reach the disk before done does
+        if (b + 1) % flush_every == 0 or b == len(
+            loader
+        ) - 1:  # codes reach the disk before done does
             codes.flush(), labels.flush()
             done[np.concatenate(finished)] = True
             done.flush()
@@ -587,8 +717,13 @@ def extract_codes(vq_ckpt, data_path, code_path, image_size=256, ten_crop=False,
     if d.rank == 0:
         meta = json.loads((code_path / "meta.json").read_text())
         bad = np.flatnonzero(done & (labels < 0))
-        meta.update(num_done=int(done.sum()), num_valid=int((done & (labels >= 0)).sum()), num_bad=len(bad),
-                    bad_files=[str(folder.samples[i][0]) for i in bad], complete=bool(done.all()))
+        meta.update(
+            num_done=int(done.sum()),
+            num_valid=int((done & (labels >= 0)).sum()),
+            num_bad=len(bad),
+            bad_files=[str(folder.samples[i][0]) for i in bad],
+            complete=bool(done.all()),
+        )
         write_json(meta, code_path / "meta.json")
     if d.distributed:
         dist.barrier()
@@ -599,8 +734,10 @@ def read_code_meta(code_path) -> dict:
     """meta.json of a code folder, with a one-line error when it is not one."""
     path = Path(code_path) / "meta.json"
     if not path.is_file():
-        raise UserError(f"no token codes in {code_path} (meta.json missing); make them with "
-                        f"`python data.py extract --vq-ckpt ... --data-path ... --code-path {code_path}`")
+        raise UserError(
+            f"no token codes in {code_path} (meta.json missing); make them with "
+            f"`python data.py extract --vq-ckpt ... --data-path ... --code-path {code_path}`"
+        )
     return json.loads(path.read_text())
 
 
@@ -617,10 +754,14 @@ class CodeDataset(torch.utils.data.Dataset):
         metas = [read_code_meta(p) for p in self.paths]
         self.meta = meta = metas[0]
         for p, m in zip(self.paths[1:], metas[1:]):
-            diff = [k for k in ("vocab_size", "block_size", "num_images", "classes") if m[k] != meta[k]]
+            diff = [
+                k for k in ("vocab_size", "block_size", "num_images", "classes") if m[k] != meta[k]
+            ]
             if diff:
-                raise UserError(f"{p} does not match {code_path} ({', '.join(diff)} differ); "
-                                f"both must come from the same images and tokenizer")
+                raise UserError(
+                    f"{p} does not match {code_path} ({', '.join(diff)} differ); "
+                    f"both must come from the same images and tokenizer"
+                )
         self.labels = np.load(self.paths[0] / "labels.npy")
         ok = np.ones(len(self.labels), dtype=bool)
         for p in self.paths:
@@ -628,7 +769,11 @@ class CodeDataset(torch.utils.data.Dataset):
         self.valid = np.flatnonzero(ok)  # dataset index -> row of the stores
         if not len(self.valid):
             raise UserError(f"no finished codes in {code_path}; run (or resume) the extraction")
-        self.vocab_size, self.block_size, self.num_classes = meta["vocab_size"], meta["block_size"], meta["num_classes"]
+        self.vocab_size, self.block_size, self.num_classes = (
+            meta["vocab_size"],
+            meta["block_size"],
+            meta["num_classes"],
+        )
         self.extra_prob, self.seed, self.epoch = extra_prob, seed, 0
         self._codes = None  # memmaps, opened lazily in each DataLoader worker
 
@@ -643,7 +788,11 @@ class CodeDataset(torch.utils.data.Dataset):
             self._codes = [np.load(p / "codes.npy", mmap_mode="r") for p in self.paths]
         j = int(self.valid[i])
         rng = np.random.default_rng([self.seed, self.epoch, j])
-        store = self._codes[1] if len(self._codes) > 1 and rng.random() < self.extra_prob else self._codes[0]
+        store = (
+            self._codes[1]
+            if len(self._codes) > 1 and rng.random() < self.extra_prob
+            else self._codes[0]
+        )
         aug = int(rng.integers(store.shape[1]))
         return torch.from_numpy(store[j, aug].astype(np.int64)), int(self.labels[j])
 
@@ -651,9 +800,13 @@ class CodeDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 # Command line: toy images, code extraction
 
+
 def parse_args(argv=None):
     import argparse
-    parser = argparse.ArgumentParser(description="data utilities: toy images, token-code extraction")
+
+    parser = argparse.ArgumentParser(
+        description="data utilities: toy images, token-code extraction"
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     toy = sub.add_parser("toy", help="write a toy class-per-folder image dataset")
     toy.add_argument("root")
@@ -661,16 +814,24 @@ def parse_args(argv=None):
     toy.add_argument("--per-class", type=int, default=64)
     toy.add_argument("--size", type=int, default=64)
     toy.add_argument("--seed", type=int, default=0)
-    ex = sub.add_parser("extract", help="encode an image folder into token codes (resumable; torchrun ok)")
+    ex = sub.add_parser(
+        "extract", help="encode an image folder into token codes (resumable; torchrun ok)"
+    )
     ex.add_argument("--vq-ckpt", required=True)
     ex.add_argument("--data-path", required=True)
     ex.add_argument("--code-path", required=True)
     ex.add_argument("--image-size", type=int, default=256)
-    ex.add_argument("--ten-crop", action="store_true", help="official 10 crops (else centre crop + flip)")
-    ex.add_argument("--crop-range", type=float, default=1.1, help="ten-crop source size = image size x this")
+    ex.add_argument(
+        "--ten-crop", action="store_true", help="official 10 crops (else centre crop + flip)"
+    )
+    ex.add_argument(
+        "--crop-range", type=float, default=1.1, help="ten-crop source size = image size x this"
+    )
     ex.add_argument("--batch-size", type=int, default=32, help="images per rank per batch")
     ex.add_argument("--num-workers", type=int, default=4)
-    ex.add_argument("--skip-bad-images", action="store_true", help="mark unreadable images invalid and go on")
+    ex.add_argument(
+        "--skip-bad-images", action="store_true", help="mark unreadable images invalid and go on"
+    )
     return parser.parse_args(argv)
 
 
@@ -678,10 +839,21 @@ def main(args):
     if args.cmd == "toy":
         print(make_toy_dataset(args.root, args.num_classes, args.per_class, args.size, args.seed))
     else:
-        m = extract_codes(args.vq_ckpt, args.data_path, args.code_path, args.image_size, args.ten_crop,
-                          args.crop_range, args.batch_size, args.num_workers, args.skip_bad_images)
-        print0(f"{m['num_valid']} images x {m['n_aug']} crops of {m['block_size']} tokens in {args.code_path} "
-               f"({m['num_bad']} unreadable skipped)")
+        m = extract_codes(
+            args.vq_ckpt,
+            args.data_path,
+            args.code_path,
+            args.image_size,
+            args.ten_crop,
+            args.crop_range,
+            args.batch_size,
+            args.num_workers,
+            args.skip_bad_images,
+        )
+        print0(
+            f"{m['num_valid']} images x {m['n_aug']} crops of {m['block_size']} tokens in {args.code_path} "
+            f"({m['num_bad']} unreadable skipped)"
+        )
 
 
 if __name__ == "__main__":

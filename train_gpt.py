@@ -16,6 +16,7 @@ trainer, --resume continues mid-epoch exactly (data order, RNG, optimizer, EMA) 
 --gradient-accumulation-steps works. --fsdp shards each block (FSDP2) and saves the same
 gathered checkpoint format, optimizer included.
 """
+
 import argparse
 import contextlib
 import copy
@@ -26,8 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -39,12 +44,18 @@ from gpt import GPT, GPT_CONFIGS, GPTConfig, generate, resolve_model_name
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="train the LlamaGen c2i GPT on token codes")
-    p.add_argument("--model", default="GPT-B", choices=list(GPT_CONFIGS) + [k[4:] for k in GPT_CONFIGS])
+    p.add_argument(
+        "--model", default="GPT-B", choices=list(GPT_CONFIGS) + [k[4:] for k in GPT_CONFIGS]
+    )
     p.add_argument("--code-path", required=True, help="folder written by `python data.py extract`")
-    p.add_argument("--extra-code-path", help="second code set (e.g. crop range 1.05), drawn with --extra-prob")
+    p.add_argument(
+        "--extra-code-path", help="second code set (e.g. crop range 1.05), drawn with --extra-prob"
+    )
     p.add_argument("--extra-prob", type=float, default=0.5)
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--resume", help="checkpoint to continue from exactly (same world size for exact RNG)")
+    p.add_argument(
+        "--resume", help="checkpoint to continue from exactly (same world size for exact RNG)"
+    )
     p.add_argument("--vq-ckpt", help="tokenizer used to decode the sample grids")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -59,18 +70,32 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--dropout", type=float, default=0.1, help="token, residual and FFN dropout")
-    p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label -> null class, for CFG")
-    p.add_argument("--drop-path", type=float, default=0.0, help="> 0 turns resid/FFN dropout off (official)")
-    p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (decay --ema-decay)")
+    p.add_argument(
+        "--class-dropout-prob", type=float, default=0.1, help="label -> null class, for CFG"
+    )
+    p.add_argument(
+        "--drop-path", type=float, default=0.0, help="> 0 turns resid/FFN dropout off (official)"
+    )
+    p.add_argument(
+        "--ema", action="store_true", help="keep an EMA of the weights (decay --ema-decay)"
+    )
     p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPUs, fp32 on CPU")
+    p.add_argument(
+        "--mixed-precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="default bf16 on GPUs, fp32 on CPU",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--fsdp", action="store_true", help="shard params/grads/optimizer per block (XXL, 3B)")
+    p.add_argument(
+        "--fsdp", action="store_true", help="shard params/grads/optimizer per block (XXL, 3B)"
+    )
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=5000)
-    p.add_argument("--sample-every", type=int, default=5000, help="PNG grid every N steps (needs --vq-ckpt)")
+    p.add_argument(
+        "--sample-every", type=int, default=5000, help="PNG grid every N steps (needs --vq-ckpt)"
+    )
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance for the sample grids")
     args = p.parse_args(argv)
     args.model = resolve_model_name(args.model)
@@ -90,7 +115,10 @@ def get_lr(args, step, total_steps):
 def shard(model, precision):
     """FSDP2: fully_shard each transformer block, then the root (embeddings, norm, output)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]  # official: bf16 params and reductions
+
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[
+        precision
+    ]  # official: bf16 params and reductions
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
     for block in model.layers:
         fully_shard(block, mp_policy=mp)
@@ -101,31 +129,64 @@ def main(args):
     d = data.init_dist()
     precision = args.mixed_precision or ("bf16" if d.device.type == "cuda" else "fp32")
     if args.fsdp and (precision == "fp16" or not d.distributed):
-        raise data.UserError("--fsdp needs torchrun (torchrun --nproc_per_node=8 train_gpt.py ...) and bf16 or fp32")
+        raise data.UserError(
+            "--fsdp needs torchrun (torchrun --nproc_per_node=8 train_gpt.py ...) and bf16 or fp32"
+        )
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # official
     micro, rem = divmod(args.global_batch_size, d.world_size * args.gradient_accumulation_steps)
     if rem or not micro:
-        raise data.UserError(f"--global-batch-size {args.global_batch_size} must be a multiple of processes "
-                             f"({d.world_size}) x --gradient-accumulation-steps ({args.gradient_accumulation_steps})")
+        raise data.UserError(
+            f"--global-batch-size {args.global_batch_size} must be a multiple of processes "
+            f"({d.world_size}) x --gradient-accumulation-steps ({args.gradient_accumulation_steps})"
+        )
     ckpt = data.load_checkpoint(args.resume) if args.resume else None
-    t2i = data.read_code_meta(args.code_path).get("model_type") == "t2i"  # a `text.py extract` store
-    dataset = text.CaptionCodeDataset(args.code_path) if t2i else \
-        data.CodeDataset(args.code_path, args.extra_code_path, args.extra_prob, seed=args.global_seed)
+    t2i = (
+        data.read_code_meta(args.code_path).get("model_type") == "t2i"
+    )  # a `text.py extract` store
+    dataset = (
+        text.CaptionCodeDataset(args.code_path)
+        if t2i
+        else data.CodeDataset(
+            args.code_path, args.extra_code_path, args.extra_prob, seed=args.global_seed
+        )
+    )
     meta = dataset.meta
     if ckpt is not None:  # the model is the checkpoint's; the data must fit it
         config = GPTConfig(**ckpt["config"])
-        if (config.vocab_size, config.block_size, config.num_classes) != (dataset.vocab_size, dataset.block_size, dataset.num_classes):
-            raise data.UserError(f"{args.resume} was trained on codes with vocab {config.vocab_size}, block "
-                                 f"{config.block_size}, {config.num_classes} classes; {args.code_path} differs")
+        if (config.vocab_size, config.block_size, config.num_classes) != (
+            dataset.vocab_size,
+            dataset.block_size,
+            dataset.num_classes,
+        ):
+            raise data.UserError(
+                f"{args.resume} was trained on codes with vocab {config.vocab_size}, block "
+                f"{config.block_size}, {config.num_classes} classes; {args.code_path} differs"
+            )
     else:
-        resid = 0.0 if args.drop_path > 0 else args.dropout  # official: drop-path replaces these dropouts
-        config = GPTConfig.from_name(args.model, vocab_size=dataset.vocab_size, block_size=dataset.block_size,
-                                     num_classes=dataset.num_classes, class_dropout_prob=args.class_dropout_prob,
-                                     token_dropout_p=args.dropout, resid_dropout_p=resid, ffn_dropout_p=resid,
-                                     drop_path_rate=args.drop_path, **(dict(
-                                         model_type="t2i", cls_token_num=dataset.max_tokens,
-                                         caption_dim=dataset.caption_dim) if t2i else {}))
+        resid = (
+            0.0 if args.drop_path > 0 else args.dropout
+        )  # official: drop-path replaces these dropouts
+        config = GPTConfig.from_name(
+            args.model,
+            vocab_size=dataset.vocab_size,
+            block_size=dataset.block_size,
+            num_classes=dataset.num_classes,
+            class_dropout_prob=args.class_dropout_prob,
+            token_dropout_p=args.dropout,
+            resid_dropout_p=resid,
+            ffn_dropout_p=resid,
+            drop_path_rate=args.drop_path,
+            **(
+                dict(
+                    model_type="t2i",
+                    cls_token_num=dataset.max_tokens,
+                    caption_dim=dataset.caption_dim,
+                )
+                if t2i
+                else {}
+            ),
+        )
 
     # model: same init on every rank (FSDP2 does not broadcast), then per-rank seeds (DiT)
     torch.manual_seed(args.global_seed)
@@ -144,58 +205,86 @@ def main(args):
     model = torch.compile(raw_model) if args.compile else raw_model  # compile before DDP (nanoGPT)
     if d.distributed and not args.fsdp:
         model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    data.print0(f"{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters "
-                f"(vocab {config.vocab_size}, {config.block_size} tokens, {config.num_classes} classes), "
-                f"{len(dataset)} sequences, {d.world_size} x {micro} x {args.gradient_accumulation_steps}, {precision}")
+    data.print0(
+        f"{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters "
+        f"(vocab {config.vocab_size}, {config.block_size} tokens, {config.num_classes} classes), "
+        f"{len(dataset)} sequences, {d.world_size} x {micro} x {args.gradient_accumulation_steps}, {precision}"
+    )
     if t2i:
-        data.print0(f"text-to-image: {int((~dataset.valid).sum())} of {len(dataset)} records are bad (unreadable "
-                    f"or small image, no caption) and will be skipped by the loss")
+        data.print0(
+            f"text-to-image: {int((~dataset.valid).sum())} of {len(dataset)} records are bad (unreadable "
+            f"or small image, no caption) and will be skipped by the loss"
+        )
 
     # AdamW, weight decay on matrices and embeddings only (dim >= 2), fused on GPUs
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
-                                  fused=d.device.type == "cuda")
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=d.device.type == "cuda"
+    )
     scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
     ctx = data.autocast_ctx(d.device, precision)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     step = epoch = batch_in_epoch = 0
     if ckpt is not None:
-        set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
         scaler.load_state_dict(ckpt["scaler"])
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         if len(ckpt["rng"]) == d.world_size:
             data.set_rng_state(ckpt["rng"][d.rank])
         else:
-            data.print0(f"warning: saved with {len(ckpt['rng'])} processes, now {d.world_size}: RNG not restored")
-    run_dir = (Path(args.resume).parent.parent if args.resume and Path(args.resume).parent.name == "checkpoints"
-               else data.make_results_dir(args.results_dir, args.model))
+            data.print0(
+                f"warning: saved with {len(ckpt['rng'])} processes, now {d.world_size}: RNG not restored"
+            )
+    run_dir = (
+        Path(args.resume).parent.parent
+        if args.resume and Path(args.resume).parent.name == "checkpoints"
+        else data.make_results_dir(args.results_dir, args.model)
+    )
     logger = data.JsonlLogger(run_dir / "log.jsonl")
 
-    sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.global_seed, drop_last=True)
+    sampler = DistributedSampler(
+        dataset, d.world_size, d.rank, shuffle=True, seed=args.global_seed, drop_last=True
+    )
     rank_batch = micro * args.gradient_accumulation_steps
     steps_per_epoch = len(sampler) // rank_batch
     if steps_per_epoch == 0:
-        raise data.UserError(f"{len(dataset)} sequences do not fill one global batch of {args.global_batch_size}")
+        raise data.UserError(
+            f"{len(dataset)} sequences do not fill one global batch of {args.global_batch_size}"
+        )
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     vq = None
     if args.vq_ckpt and args.sample_every > 0:
         vq = data.load_tokenizer(args.vq_ckpt, d.device)
         if vq.config.codebook_size != config.vocab_size:
-            raise data.UserError(f"--vq-ckpt has {vq.config.codebook_size} codes, the GPT {config.vocab_size}")
+            raise data.UserError(
+                f"--vq-ckpt has {vq.config.codebook_size} codes, the GPT {config.vocab_size}"
+            )
 
     def save(step):
         """Gather full state dicts on rank 0 (collective under FSDP) and write {step}.pt + last.pt."""
         rng = [data.get_rng_state()] * d.world_size  # every rank's RNG, for an exact resume
         if d.distributed:
             dist.all_gather_object(rng, rng[0])
-        obj = {"model": get_model_state_dict(raw_model, options=full),
-               "ema": get_model_state_dict(ema, options=full) if ema is not None else None,
-               "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=full),
-               "scaler": scaler.state_dict(), "config": asdict(config), "vq_config": meta.get("tokenizer", {}).get("config"),
-               "code_meta": {k: v for k, v in meta.items() if k != "tokenizer"}, "args": vars(args),
-               "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng}
+        obj = {
+            "model": get_model_state_dict(raw_model, options=full),
+            "ema": get_model_state_dict(ema, options=full) if ema is not None else None,
+            "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=full),
+            "scaler": scaler.state_dict(),
+            "config": asdict(config),
+            "vq_config": meta.get("tokenizer", {}).get("config"),
+            "code_meta": {k: v for k, v in meta.items() if k != "tokenizer"},
+            "args": vars(args),
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "rng": rng,
+        }
         if d.rank == 0:
             data.save_checkpoint(obj, run_dir / "checkpoints" / f"{step:07d}.pt")
             data.save_checkpoint(obj, run_dir / "checkpoints" / "last.pt")
@@ -205,16 +294,25 @@ def main(args):
     @torch.no_grad()
     def sample_grid(step):
         """Every rank samples (sharded weights need all of them); rank 0 writes the PNG."""
-        labels = torch.linspace(0, config.num_classes - 1, min(8, config.num_classes), device=d.device).long()
+        labels = torch.linspace(
+            0, config.num_classes - 1, min(8, config.num_classes), device=d.device
+        ).long()
         emb_mask = None
         if t2i:  # the first captions of the data instead of labels
             labels, emb_mask = (t.to(d.device) for t in dataset.captions(8))
         if args.fsdp:
             raw_model.unshard()  # root params (embeddings, output) stay gathered for the KV-cache decode
         with ctx:
-            cfg = args.cfg_scale if config.class_dropout_prob > 0 else 1.0  # no null class, no guidance
-            codes = generate(raw_model, labels, cfg_scale=cfg, emb_mask=emb_mask,
-                             generator=torch.Generator(d.device).manual_seed(args.global_seed))
+            cfg = (
+                args.cfg_scale if config.class_dropout_prob > 0 else 1.0
+            )  # no null class, no guidance
+            codes = generate(
+                raw_model,
+                labels,
+                cfg_scale=cfg,
+                emb_mask=emb_mask,
+                generator=torch.Generator(d.device).manual_seed(args.global_seed),
+            )
         if args.fsdp:
             raw_model.reshard()
         g = meta["grid_size"]
@@ -229,9 +327,20 @@ def main(args):
     while step < total_steps:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        order = list(sampler)[batch_in_epoch * rank_batch:]  # skip what this epoch already consumed
-        loader = iter(DataLoader(dataset, micro, sampler=order, drop_last=True, num_workers=args.num_workers,
-                                 pin_memory=d.device.type == "cuda", generator=torch.Generator()))
+        order = list(sampler)[
+            batch_in_epoch * rank_batch :
+        ]  # skip what this epoch already consumed
+        loader = iter(
+            DataLoader(
+                dataset,
+                micro,
+                sampler=order,
+                drop_last=True,
+                num_workers=args.num_workers,
+                pin_memory=d.device.type == "cuda",
+                generator=torch.Generator(),
+            )
+        )
         while batch_in_epoch < steps_per_epoch and step < total_steps:
             lr = get_lr(args, step, total_steps)
             for group in optimizer.param_groups:
@@ -245,7 +354,11 @@ def main(args):
                 last = micro_step == args.gradient_accumulation_steps - 1
                 if args.fsdp:
                     raw_model.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+                sync = (
+                    contextlib.nullcontext()
+                    if last or not isinstance(model, DDP)
+                    else model.no_sync()
+                )
                 with sync:
                     with ctx:  # (None, mean CE over B x block_size) without the full fp32 logits
                         _, loss = model(z[:, :-1], y, targets=z, return_logits=False, **extra)
@@ -267,15 +380,25 @@ def main(args):
                 loss_avg = log_loss.item() / log_steps / d.world_size
                 norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 dt = time.time() - t0
-                logger.log({"step": step, "epoch": epoch, "loss": loss_avg, "lr": lr, "grad_norm": norm.item(),
-                            "tokens_per_s": log_steps * args.global_batch_size * config.block_size / dt,
-                            **({"skipped": int(skipped)} if t2i else {})})
+                logger.log(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss_avg,
+                        "lr": lr,
+                        "grad_norm": norm.item(),
+                        "tokens_per_s": log_steps * args.global_batch_size * config.block_size / dt,
+                        **({"skipped": int(skipped)} if t2i else {}),
+                    }
+                )
                 skipped.zero_()
                 bar.set_postfix(loss=f"{loss_avg:.4f}")
                 log_loss.zero_()
                 log_steps, t0 = 0, time.time()
             if vq is not None and (step % args.sample_every == 0 or step == total_steps):
-                sample_grid(step)  # before saving, so a resumed run continues from the same RNG state
+                sample_grid(
+                    step
+                )  # before saving, so a resumed run continues from the same RNG state
             if step % args.ckpt_every == 0 or step == total_steps:
                 save(step)
         if batch_in_epoch == steps_per_epoch:

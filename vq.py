@@ -12,6 +12,7 @@ vq_ds16_c2i.pt, vq_ds16_t2i.pt and vq_ds8_c2i.pt load with one strict `load_stat
 
 vq_ds16_c2i.pt: https://huggingface.co/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt
 """
+
 import math
 from dataclasses import dataclass, field
 
@@ -19,11 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-USAGE_RING = 65536        # official size of the `codebook_used` buffer (recent assignments)
+USAGE_RING = 65536  # official size of the `codebook_used` buffer (recent assignments)
 ENTROPY_TEMPERATURE = 0.01  # official tau of the entropy loss
 
 
 # ----------------------------------------------------------------------------- config
+
 
 @dataclass
 class VQConfig:
@@ -37,8 +39,8 @@ class VQConfig:
     decoder_ch_mult: list = field(default_factory=lambda: [1, 1, 2, 2, 4])
     z_channels: int = 256
     dropout_p: float = 0.0
-    ch: int = 128             # base channels (official Encoder/Decoder default)
-    num_res_blocks: int = 2   # per encoder level; the decoder uses num_res_blocks + 1
+    ch: int = 128  # base channels (official Encoder/Decoder default)
+    num_res_blocks: int = 2  # per encoder level; the decoder uses num_res_blocks + 1
 
     @property
     def downsample(self) -> int:
@@ -55,17 +57,31 @@ class VQConfig:
 
 
 VQ_CONFIGS = {
-    "VQ-16": dict(encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1, 1, 2, 2, 4]),  # 71.9M, 16x16 @256
-    "VQ-8": dict(encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4]),         # 70.1M, 32x32 @256
+    "VQ-16": dict(
+        encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1, 1, 2, 2, 4]
+    ),  # 71.9M, 16x16 @256
+    "VQ-8": dict(encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4]),  # 70.1M, 32x32 @256
     # ours: small presets for CPU runs and tests (GroupNorm's 32 groups need channels % 32 == 0)
-    "VQ-small": dict(ch=64, encoder_ch_mult=[1, 1, 2, 4], decoder_ch_mult=[1, 1, 2, 4],
-                     z_channels=128, codebook_size=4096),                             # 16.2M, ds 8
-    "VQ-tiny": dict(ch=32, encoder_ch_mult=[1, 1, 2, 2], decoder_ch_mult=[1, 1, 2, 2], num_res_blocks=1,
-                    z_channels=64, codebook_size=1024),                               # 1.2M, ds 8
+    "VQ-small": dict(
+        ch=64,
+        encoder_ch_mult=[1, 1, 2, 4],
+        decoder_ch_mult=[1, 1, 2, 4],
+        z_channels=128,
+        codebook_size=4096,
+    ),  # 16.2M, ds 8
+    "VQ-tiny": dict(
+        ch=32,
+        encoder_ch_mult=[1, 1, 2, 2],
+        decoder_ch_mult=[1, 1, 2, 2],
+        num_res_blocks=1,
+        z_channels=64,
+        codebook_size=1024,
+    ),  # 1.2M, ds 8
 }
 
 
 # ----------------------------------------------------------------------------- building blocks
+
 
 def Normalize(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups and eps 1e-6, as the official tokenizer."""
@@ -102,7 +118,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v))
+        q, k, v = (
+            conv(h).reshape(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v)
+        )
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), scale C ** -0.5
         return x + self.proj_out(h.transpose(2, 3).reshape(B, C, H, W))
 
@@ -132,7 +150,9 @@ class Upsample(nn.Module):
 def make_level(in_ch: int, out_ch: int, n_res: int, attn: bool, dropout: float) -> nn.Module:
     """One resolution level: `res` blocks, an AttnBlock after each of them when `attn`."""
     level = nn.Module()
-    level.res = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, dropout) for i in range(n_res))
+    level.res = nn.ModuleList(
+        ResnetBlock(in_ch if i == 0 else out_ch, out_ch, dropout) for i in range(n_res)
+    )
     level.attn = nn.ModuleList(AttnBlock(out_ch) for _ in range(n_res if attn else 0))
     return level
 
@@ -149,6 +169,7 @@ def run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- encoder / decoder
 
+
 class Encoder(nn.Module):
     """(B, 3, H, W) -> (B, z_channels, H/ds, W/ds); attention only at the lowest resolution."""
 
@@ -158,12 +179,16 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
         for i in range(n):
-            level = make_level(ch * ([1] + mult)[i], ch * mult[i], cfg.num_res_blocks, i == n - 1, cfg.dropout_p)
+            level = make_level(
+                ch * ([1] + mult)[i], ch * mult[i], cfg.num_res_blocks, i == n - 1, cfg.dropout_p
+            )
             if i != n - 1:
                 level.downsample = Downsample(ch * mult[i])
             self.conv_blocks.append(level)
         c = ch * mult[-1]
-        self.mid = nn.ModuleList([ResnetBlock(c, c, cfg.dropout_p), AttnBlock(c), ResnetBlock(c, c, cfg.dropout_p)])
+        self.mid = nn.ModuleList(
+            [ResnetBlock(c, c, cfg.dropout_p), AttnBlock(c), ResnetBlock(c, c, cfg.dropout_p)]
+        )
         self.norm_out = Normalize(c)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
@@ -184,7 +209,9 @@ class Decoder(nn.Module):
         ch, mult, n = cfg.ch, cfg.decoder_ch_mult, len(cfg.decoder_ch_mult)
         c = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(c, c, cfg.dropout_p), AttnBlock(c), ResnetBlock(c, c, cfg.dropout_p)])
+        self.mid = nn.ModuleList(
+            [ResnetBlock(c, c, cfg.dropout_p), AttnBlock(c), ResnetBlock(c, c, cfg.dropout_p)]
+        )
         self.conv_blocks = nn.ModuleList()
         for i in reversed(range(n)):  # j = n-1-i: lowest resolution first
             level = make_level(c, ch * mult[i], cfg.num_res_blocks + 1, i == n - 1, cfg.dropout_p)
@@ -211,6 +238,7 @@ class Decoder(nn.Module):
 
 # ----------------------------------------------------------------------------- quantizer
 
+
 class VectorQuantizer(nn.Module):
     """Nearest codebook row under l2 normalisation (cosine), straight-through, official loss terms."""
 
@@ -232,7 +260,7 @@ class VectorQuantizer(nn.Module):
     def update_usage(self, indices: torch.Tensor) -> float:
         """Push the newest indices (at most the ring size) into the ring; unique seen codes / K."""
         new = indices[-USAGE_RING:].to(self.codebook_used.dtype)
-        self.codebook_used.copy_(torch.cat([self.codebook_used[len(new):], new]))
+        self.codebook_used.copy_(torch.cat([self.codebook_used[len(new) :], new]))
         seen = self.codebook_used[self.codebook_used >= 0]
         return torch.unique(seen).numel() / self.cfg.codebook_size
 
@@ -252,19 +280,26 @@ class VectorQuantizer(nn.Module):
         if self.training:
             vq_loss = torch.mean((z_q - z.detach()) ** 2)
             commit_loss = cfg.commit_loss_beta * torch.mean((z_q.detach() - z) ** 2)
-            entropy_loss = (cfg.entropy_loss_ratio * entropy_loss_fn(-d) if cfg.entropy_loss_ratio > 0
-                            else z.new_zeros(()))  # skip the (N, K) softmax when it is off
+            entropy_loss = (
+                cfg.entropy_loss_ratio * entropy_loss_fn(-d)
+                if cfg.entropy_loss_ratio > 0
+                else z.new_zeros(())
+            )  # skip the (N, K) softmax when it is off
             usage = self.update_usage(indices) if cfg.codebook_show_usage else 0.0
             losses = (vq_loss, commit_loss, entropy_loss, usage)
         z_q = z + (z_q - z).detach()  # straight-through: gradients flow to the encoder
         return z_q.permute(0, 3, 1, 2), losses, indices
 
 
-def entropy_loss_fn(affinity: torch.Tensor, temperature: float = ENTROPY_TEMPERATURE) -> torch.Tensor:
+def entropy_loss_fn(
+    affinity: torch.Tensor, temperature: float = ENTROPY_TEMPERATURE
+) -> torch.Tensor:
     """Mean per-token entropy minus entropy of the mean assignment (official, softmax type)."""
     logits = affinity / temperature  # (N, K)
     probs = F.softmax(logits, dim=-1)
-    log_probs = F.log_softmax(logits, dim=-1)  # official adds 1e-5 inside: a constant shift, no effect
+    log_probs = F.log_softmax(
+        logits, dim=-1
+    )  # official adds 1e-5 inside: a constant shift, no effect
     sample_entropy = -torch.mean(torch.sum(probs * log_probs, dim=-1))
     avg_probs = probs.mean(dim=0)  # (K,)
     avg_entropy = -torch.sum(avg_probs * torch.log(avg_probs + 1e-5))
@@ -272,6 +307,7 @@ def entropy_loss_fn(affinity: torch.Tensor, temperature: float = ENTROPY_TEMPERA
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 class VQModel(nn.Module):
     """Encoder -> quant_conv -> quantize -> post_quant_conv -> decoder, official key names."""
@@ -288,12 +324,16 @@ class VQModel(nn.Module):
     def encode(self, x: torch.Tensor):
         """x (B, 3, H, W) in [-1, 1] -> (quant (B, C, h, w), losses, indices (B*h*w,) raster order)."""
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images of shape (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected images of shape (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}"
+            )
         ds, (H, W) = self.config.downsample, x.shape[-2:]
         if H % ds or W % ds:
             fix = "x".join(str(max(ds, round(s / ds) * ds)) for s in ((H,) if H == W else (H, W)))
-            raise ValueError(f"image size {H}x{W} is not a multiple of the VQ-{ds} downsampling factor "
-                             f"{ds}; resize or crop to e.g. {fix}")
+            raise ValueError(
+                f"image size {H}x{W} is not a multiple of the VQ-{ds} downsampling factor "
+                f"{ds}; resize or crop to e.g. {fix}"
+            )
         return self.quantize(self.quant_conv(self.encoder(x)))
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
@@ -305,16 +345,27 @@ class VQModel(nn.Module):
         C = self.config.codebook_embed_dim
         if shape is None:  # (B, h, w) as given, (B, h*w) as a square grid
             B, *grid = indices.shape
-            grid = [math.isqrt(grid[0])] * 2 if len(grid) == 1 and math.isqrt(grid[0]) ** 2 == grid[0] else grid
+            grid = (
+                [math.isqrt(grid[0])] * 2
+                if len(grid) == 1 and math.isqrt(grid[0]) ** 2 == grid[0]
+                else grid
+            )
             if len(grid) != 2:
-                raise ValueError(f"cannot infer the token grid of indices {tuple(indices.shape)}; pass shape=(B, C, h, w)")
+                raise ValueError(
+                    f"cannot infer the token grid of indices {tuple(indices.shape)}; pass shape=(B, C, h, w)"
+                )
             shape = (B, C, *grid)
         B, _, h, w = shape
         if indices.numel() != B * h * w:
             raise ValueError(f"{indices.numel()} indices do not fill the token grid {tuple(shape)}")
-        if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < self.config.codebook_size:
-            raise ValueError(f"indices must lie in [0, {self.config.codebook_size}), got "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+        if (
+            indices.numel()
+            and not 0 <= int(indices.min()) <= int(indices.max()) < self.config.codebook_size
+        ):
+            raise ValueError(
+                f"indices must lie in [0, {self.config.codebook_size}), got "
+                f"[{int(indices.min())}, {int(indices.max())}]"
+            )
         z_q = self.quantize.codebook()[indices.reshape(-1).long()]  # (B*h*w, C)
         return self.decode(z_q.view(B, h, w, C).permute(0, 3, 1, 2))
 
@@ -329,8 +380,14 @@ class VQModel(nn.Module):
     def images_to_codes(self, images) -> torch.Tensor:
         """List of same-size PIL images -> codes (B, h*w) long, raster order."""
         device = self.quant_conv.weight.device
-        x = torch.stack([torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
-                         .view(im.height, im.width, 3) for im in images])  # (B, H, W, 3) uint8
+        x = torch.stack(
+            [
+                torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8).view(
+                    im.height, im.width, 3
+                )
+                for im in images
+            ]
+        )  # (B, H, W, 3) uint8
         x = x.permute(0, 3, 1, 2).to(device, torch.float32) / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
         return self.encode(x)[2].view(len(images), -1)
 
@@ -338,10 +395,13 @@ class VQModel(nn.Module):
     def codes_to_images(self, codes: torch.Tensor, grid=None) -> list:
         """Codes (B, h*w) or (B, h, w) -> list of PIL images; grid = (h, w), square if None."""
         from PIL import Image
+
         if grid is not None:
             codes = codes.reshape(codes.shape[0], *grid)
         x = self.decode_code(codes.to(self.quant_conv.weight.device))
-        x = (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()  # official quantisation
+        x = (
+            (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        )  # official quantisation
         return [Image.fromarray(im.numpy(), "RGB") for im in x]
 
     # --------------------------------------------------------------------- checkpoints
@@ -352,37 +412,64 @@ class VQModel(nn.Module):
         ckpt = path_or_dict
         if not isinstance(ckpt, dict):
             ckpt = torch.load(path_or_dict, map_location="cpu", weights_only=True)
-        sd = next((ckpt[k] for k in (("ema", "model") if prefer_ema else ("model", "ema")) + ("state_dict",)
-                   if isinstance(ckpt.get(k), dict)), ckpt)  # else: the file is the state dict itself
-        if "vq_config" in ckpt or any(k.startswith(("tok_embeddings.", "layers.", "cls_embedding.")) for k in sd):
+        sd = next(
+            (
+                ckpt[k]
+                for k in (("ema", "model") if prefer_ema else ("model", "ema")) + ("state_dict",)
+                if isinstance(ckpt.get(k), dict)
+            ),
+            ckpt,
+        )  # else: the file is the state dict itself
+        if "vq_config" in ckpt or any(
+            k.startswith(("tok_embeddings.", "layers.", "cls_embedding.")) for k in sd
+        ):
             raise ValueError("this is a GPT checkpoint, not a VQ tokenizer")
         if "encoder.conv_in.weight" not in sd or "quantize.embedding.weight" not in sd:
-            raise ValueError(f"not a VQ tokenizer checkpoint: top-level keys {sorted(ckpt)[:8]}, "
-                             f"no 'encoder.conv_in.weight' / 'quantize.embedding.weight'")
-        config = (VQConfig(**{k: v for k, v in ckpt["config"].items() if k in VQConfig.__dataclass_fields__})
-                  if isinstance(ckpt.get("config"), dict) else infer_config(sd))
+            raise ValueError(
+                f"not a VQ tokenizer checkpoint: top-level keys {sorted(ckpt)[:8]}, "
+                f"no 'encoder.conv_in.weight' / 'quantize.embedding.weight'"
+            )
+        config = (
+            VQConfig(
+                **{k: v for k, v in ckpt["config"].items() if k in VQConfig.__dataclass_fields__}
+            )
+            if isinstance(ckpt.get("config"), dict)
+            else infer_config(sd)
+        )
         model = cls(config)
         sd = {"quantize.codebook_used": model.quantize.codebook_used, **sd}  # a metric buffer only
         want = model.state_dict()
         missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-        wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}" for k in want
-                 if k in sd and sd[k].shape != want[k].shape]
+        wrong = [
+            f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}"
+            for k in want
+            if k in sd and sd[k].shape != want[k].shape
+        ]
         if missing or unexpected or wrong:
-            raise ValueError(f"checkpoint does not match {config}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}")
+            raise ValueError(
+                f"checkpoint does not match {config}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}"
+            )
         model.load_state_dict(sd, strict=True)
         return model.eval()
 
 
 def infer_config(sd: dict) -> VQConfig:
     """Rebuild the VQConfig of an official state dict from its keys and shapes."""
+
     def count(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+        return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
+
     n, ch = count("encoder.conv_blocks."), sd["encoder.conv_in.weight"].shape[0]
     enc = [sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(n)]
     dec = [sd[f"decoder.conv_blocks.{j}.res.0.conv1.weight"].shape[0] // ch for j in range(n)][::-1]
     K, C = sd["quantize.embedding.weight"].shape
-    return VQConfig(codebook_size=K, codebook_embed_dim=C, encoder_ch_mult=enc, decoder_ch_mult=dec,
-                    z_channels=sd["encoder.conv_out.weight"].shape[0], ch=ch,
-                    num_res_blocks=count("encoder.conv_blocks.0.res."))
-
+    return VQConfig(
+        codebook_size=K,
+        codebook_embed_dim=C,
+        encoder_ch_mult=enc,
+        decoder_ch_mult=dec,
+        z_channels=sd["encoder.conv_out.weight"].shape[0],
+        ch=ch,
+        num_res_blocks=count("encoder.conv_blocks.0.res."),
+    )

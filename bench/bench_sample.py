@@ -9,6 +9,7 @@ Random weights (speed does not depend on them), the demo settings of the officia
 cache: each step re-runs the full forward over the whole prefix, as a plain `model(idx, cond)` would.
 tokens/s counts image tokens of the 8 images (not the doubled CFG rows).
 """
+
 import argparse
 import math
 import sys
@@ -30,17 +31,25 @@ def generate_full_recompute(model, labels, cfg_scale, top_k, generator, steps=No
     """
     B, L = labels.shape[0], model.config.block_size
     cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)])  # [cond; null]
-    idx = torch.randint(model.config.vocab_size, (2 * B, L), device=labels.device, generator=generator)
+    idx = torch.randint(
+        model.config.vocab_size, (2 * B, L), device=labels.device, generator=generator
+    )
     for i in baseline_positions(L, steps):
-        logits, _ = model(idx[:, :i], cond)                                # (2B, i+1, V)
-        tok = gpt.sample(gpt.guide(logits[:, -1], cfg_scale, True), 1.0, top_k, 1.0, generator)  # (B, 1)
+        logits, _ = model(idx[:, :i], cond)  # (2B, i+1, V)
+        tok = gpt.sample(
+            gpt.guide(logits[:, -1], cfg_scale, True), 1.0, top_k, 1.0, generator
+        )  # (B, 1)
         idx[:, i] = torch.cat([tok, tok])[:, 0]
     return idx[:B]
 
 
 def baseline_positions(L, steps=None):
     """All L positions, or `steps` of them evenly spaced from 0 to L - 1."""
-    return list(range(L)) if not steps else sorted({round(k * (L - 1) / max(steps - 1, 1)) for k in range(steps)})
+    return (
+        list(range(L))
+        if not steps
+        else sorted({round(k * (L - 1) / max(steps - 1, 1)) for k in range(steps)})
+    )
 
 
 def timed(fn, device, repeats):
@@ -69,21 +78,48 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig.from_name(args.model, block_size=args.tokens)).eval()
-    torch.nn.init.normal_(model.output.weight, std=0.02)  # the init zeroes the head; any weights will do
+    torch.nn.init.normal_(
+        model.output.weight, std=0.02
+    )  # the init zeroes the head; any weights will do
     model.to(device, dtype)  # as sample.py: the whole GPT in the sampling precision
     labels = torch.arange(args.batch, device=device) * 97 % 1000
     gen = torch.Generator(device).manual_seed(0)
-    runs = [("kv-cache", lambda: gpt.generate(model, labels, cfg_scale=args.cfg_scale, top_k=args.top_k,
-                                              generator=gen))]
+    runs = [
+        (
+            "kv-cache",
+            lambda: gpt.generate(
+                model, labels, cfg_scale=args.cfg_scale, top_k=args.top_k, generator=gen
+            ),
+        )
+    ]
     if args.compile or (device.type == "cuda" and not args.no_compile):
-        runs.append(("kv-cache+compile", lambda: gpt.generate(model, labels, cfg_scale=args.cfg_scale,
-                                                              top_k=args.top_k, generator=gen, compile=True)))
+        runs.append(
+            (
+                "kv-cache+compile",
+                lambda: gpt.generate(
+                    model,
+                    labels,
+                    cfg_scale=args.cfg_scale,
+                    top_k=args.top_k,
+                    generator=gen,
+                    compile=True,
+                ),
+            )
+        )
     if not args.no_baseline:
-        runs.append(("full-recompute", lambda: generate_full_recompute(model, labels, args.cfg_scale, args.top_k,
-                                                                       gen, args.baseline_steps)))
+        runs.append(
+            (
+                "full-recompute",
+                lambda: generate_full_recompute(
+                    model, labels, args.cfg_scale, args.top_k, gen, args.baseline_steps
+                ),
+            )
+        )
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"{args.model} ({n_params:.0f}M), {args.tokens} tokens, batch {args.batch} x2 (cfg {args.cfg_scale}), "
-          f"top-k {args.top_k}, {precision} on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(
+        f"{args.model} ({n_params:.0f}M), {args.tokens} tokens, batch {args.batch} x2 (cfg {args.cfg_scale}), "
+        f"top-k {args.top_k}, {precision} on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
     print(f"{'method':<18} {'seconds':>9} {'tokens/s':>10} {'images/s':>9} {'speed-up':>9}")
     base = None
     for name, fn in runs:
@@ -93,32 +129,63 @@ def main(args):
         note = ""
         if name == "full-recompute" and args.baseline_steps:
             done = len(baseline_positions(args.tokens, args.baseline_steps))
-            sec, note = sec * args.tokens / done, f"  (estimated from {done} of {args.tokens} steps)"
+            sec, note = (
+                sec * args.tokens / done,
+                f"  (estimated from {done} of {args.tokens} steps)",
+            )
         base = sec if name == "kv-cache" else base
-        print(f"{name:<18} {sec:>9.2f} {args.batch * args.tokens / sec:>10.1f} {args.batch / sec:>9.3f} "
-              f"{base / sec:>8.2f}x{note}", flush=True)
+        print(
+            f"{name:<18} {sec:>9.2f} {args.batch * args.tokens / sec:>10.1f} {args.batch / sec:>9.3f} "
+            f"{base / sec:>8.2f}x{note}",
+            flush=True,
+        )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GPT sampling speed: KV cache vs full recompute")
     p.add_argument("--model", default="GPT-B")
-    p.add_argument("--tokens", type=int, default=256, help="image tokens (a square: 256 = 16 x 16, 576 = 24 x 24)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=256,
+        help="image tokens (a square: 256 = 16 x 16, 576 = 24 x 24)",
+    )
     p.add_argument("--batch", type=int, default=8, help="images (rows are doubled by CFG)")
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--top-k", type=int, default=2000)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="also time the compiled decode step (on by default on GPU)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="default: bf16 on GPU, fp32 on CPU",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the compiled decode step (on by default on GPU)",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the compiled run on GPU")
-    p.add_argument("--no-baseline", action="store_true", help="skip the (slow) full-recompute baseline")
-    p.add_argument("--baseline-steps", type=int, default=None,
-                   help="time only this many evenly spaced baseline steps and extrapolate (CPU)")
+    p.add_argument(
+        "--no-baseline", action="store_true", help="skip the (slow) full-recompute baseline"
+    )
+    p.add_argument(
+        "--baseline-steps",
+        type=int,
+        default=None,
+        help="time only this many evenly spaced baseline steps and extrapolate (CPU)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per method; the best is reported")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on GPU, 0 on CPU)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="timed runs per method; the best is reported"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed runs first (default: 1 on GPU, 0 on CPU)"
+    )
     args = p.parse_args(argv)
-    args.warmup = args.warmup if args.warmup is not None else (1 if torch.cuda.is_available() else 0)
+    args.warmup = (
+        args.warmup if args.warmup is not None else (1 if torch.cuda.is_available() else 0)
+    )
     return args
 
 

@@ -3,6 +3,7 @@ a local HTTP server standing in for the Hugging Face hub, and a small toy image 
 
     python -m pytest -q
 """
+
 import functools
 import http.server
 import ipaddress
@@ -46,6 +47,7 @@ def _loopback_only(getaddrinfo):
         if host not in (None, "localhost") and not str(host).startswith("127.") and host != "::1":
             raise socket.gaierror(f"tests may not resolve {host}")
         return getaddrinfo(host, *args, **kwargs)
+
     return wrapped
 
 
@@ -114,7 +116,10 @@ def http_server(tmp_path):
 def toy_folder(tmp_path_factory):
     """A small toy image folder: 4 classes x 8 images of 32 x 32 px."""
     import data
-    return data.make_toy_dataset(tmp_path_factory.mktemp("toy"), num_classes=4, per_class=8, size=32)
+
+    return data.make_toy_dataset(
+        tmp_path_factory.mktemp("toy"), num_classes=4, per_class=8, size=32
+    )
 
 
 @pytest.fixture
@@ -122,6 +127,7 @@ def one_thread():
     """One intra-op thread: tiny models run fastest that way, and two spinning OpenMP threads on a
     busy 2-core machine are several times slower. Modules opt in with pytest.mark.usefixtures."""
     import torch
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -135,7 +141,10 @@ def vq_ckpt(tmp_path_factory):
     import torch
     import data
     import vq
+
     torch.manual_seed(0)
     model = vq.VQModel(vq.VQConfig.from_name("VQ-tiny"))
-    return data.save_checkpoint({"model": model.state_dict(), "config": asdict(model.config)},
-                                tmp_path_factory.mktemp("vq") / "vq.pt")
+    return data.save_checkpoint(
+        {"model": model.state_dict(), "config": asdict(model.config)},
+        tmp_path_factory.mktemp("vq") / "vq.pt",
+    )

@@ -3,6 +3,7 @@ official crops, resume after an interruption, unreadable images, meta.json, torc
 
     python -m pytest tests/test_codes.py -q
 """
+
 import hashlib
 import json
 import os
@@ -53,6 +54,7 @@ def reference_ten_crop(img, size, crop_range):
 
 # ----------------------------------------------------------------------------------------------
 
+
 def test_centre_and_flip_codes_equal_encode_and_decode(vq_ckpt, toy_folder, tmp_path):
     meta = extract(vq_ckpt, toy_folder, tmp_path / "codes")
     codes, labels, done = load_store(tmp_path / "codes")
@@ -64,14 +66,31 @@ def test_centre_and_flip_codes_equal_encode_and_decode(vq_ckpt, toy_folder, tmp_
         img = data.center_crop_arr(data.load_image(folder.samples[i][0]), S)
         ref, quant = encode(model, [img, img.transpose(Image.FLIP_LEFT_RIGHT)])
         np.testing.assert_array_equal(codes[i], ref)
-        with torch.no_grad():  # the stored codes decode to the tokenizer's reconstruction of the crop
-            torch.testing.assert_close(model.decode_code(torch.from_numpy(codes[i].astype(np.int64))),
-                                       model.decode(quant), rtol=1e-4, atol=1e-5)
+        with (
+            torch.no_grad()
+        ):  # the stored codes decode to the tokenizer's reconstruction of the crop
+            torch.testing.assert_close(
+                model.decode_code(torch.from_numpy(codes[i].astype(np.int64))),
+                model.decode(quant),
+                rtol=1e-4,
+                atol=1e-5,
+            )
     # meta.json describes the store and the tokenizer that made it
     assert meta == json.loads((tmp_path / "codes" / "meta.json").read_text())
-    assert (meta["vocab_size"], meta["grid_size"], meta["block_size"], meta["image_size"]) == (1024, 4, 16, S)
+    assert (meta["vocab_size"], meta["grid_size"], meta["block_size"], meta["image_size"]) == (
+        1024,
+        4,
+        16,
+        S,
+    )
     assert meta["classes"] == folder.classes and meta["num_classes"] == 4
-    assert (meta["n_aug"], meta["ten_crop"], meta["num_images"], meta["num_valid"], meta["num_bad"]) == (2, False, 32, 32, 0)
+    assert (
+        meta["n_aug"],
+        meta["ten_crop"],
+        meta["num_images"],
+        meta["num_valid"],
+        meta["num_bad"],
+    ) == (2, False, 32, 32, 0)
     assert meta["complete"] and meta["dtype"] == "uint16"
     tok = meta["tokenizer"]
     assert tok["sha256"] == hashlib.sha256(Path(vq_ckpt).read_bytes()).hexdigest()
@@ -80,7 +99,9 @@ def test_centre_and_flip_codes_equal_encode_and_decode(vq_ckpt, toy_folder, tmp_
 
 @pytest.mark.parametrize("crop_range", [1.1, 1.05])
 def test_ten_crop_codes_equal_encode(vq_ckpt, toy_folder, tmp_path, crop_range):
-    meta = extract(vq_ckpt, toy_folder, tmp_path / "codes", ten_crop=True, crop_range=crop_range, batch_size=5)
+    meta = extract(
+        vq_ckpt, toy_folder, tmp_path / "codes", ten_crop=True, crop_range=crop_range, batch_size=5
+    )
     assert (meta["n_aug"], meta["crop_range"]) == (10, crop_range)
     codes, _, _ = load_store(tmp_path / "codes")
     model = vq.VQModel.from_checkpoint(vq_ckpt)
@@ -88,7 +109,10 @@ def test_ten_crop_codes_equal_encode(vq_ckpt, toy_folder, tmp_path, crop_range):
     for i in (2, 30):
         img = data.load_image(folder.samples[i][0])
         crops = reference_ten_crop(img, S, crop_range)
-        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(crops, data.ten_crop(img, S, crop_range)))
+        assert all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(crops, data.ten_crop(img, S, crop_range))
+        )
         np.testing.assert_array_equal(codes[i], encode(model, crops)[0])
     assert len({codes[2, k].tobytes() for k in range(10)}) > 1  # the crops differ
 
@@ -118,7 +142,9 @@ def test_extraction_resumes_after_interruption(vq_ckpt, toy_folder, tmp_path, mo
     assert meta["complete"]
     for a, b in zip(load_store(tmp_path / "codes"), load_store(tmp_path / "fresh")):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(data.UserError, match="different grid_size, block_size, image_size"):  # settings must match to resume
+    with pytest.raises(
+        data.UserError, match="different grid_size, block_size, image_size"
+    ):  # settings must match to resume
         data.extract_codes(vq_ckpt, toy_folder, tmp_path / "codes", image_size=64, num_workers=0)
 
 
@@ -140,12 +166,21 @@ def test_code_dataset_draws(tmp_path):
     def store(path, value, n=64, n_aug=10):
         path.mkdir()
         codes = np.lib.format.open_memmap(path / "codes.npy", "w+", np.uint16, (n, n_aug, 16))
-        codes[:] = value + np.arange(n_aug, dtype=np.uint16)[None, :, None]  # token = value + crop index
+        codes[:] = (
+            value + np.arange(n_aug, dtype=np.uint16)[None, :, None]
+        )  # token = value + crop index
         codes.flush()
         np.save(path / "labels.npy", np.arange(n) % 4)
         np.save(path / "done.npy", np.arange(n) != 5)  # row 5 not extracted yet
-        meta = dict(vocab_size=1024, grid_size=4, block_size=16, num_classes=4, classes=list("abcd"),
-                    num_images=n, n_aug=n_aug)
+        meta = dict(
+            vocab_size=1024,
+            grid_size=4,
+            block_size=16,
+            num_classes=4,
+            classes=list("abcd"),
+            num_images=n,
+            n_aug=n_aug,
+        )
         (path / "meta.json").write_text(json.dumps(meta))
 
     store(tmp_path / "a", 0)
@@ -155,7 +190,9 @@ def test_code_dataset_draws(tmp_path):
     codes, label = ds[5]  # row 6: row 5 is skipped
     assert codes.dtype == torch.int64 and codes.shape == (16,) and label == 6 % 4
     first = [ds[i][0][0].item() for i in range(63)]
-    assert first == [ds[i][0][0].item() for i in range(63)]  # deterministic per (seed, epoch, index)
+    assert first == [
+        ds[i][0][0].item() for i in range(63)
+    ]  # deterministic per (seed, epoch, index)
     assert len(set(first)) == 10  # every crop gets drawn
     ds.set_epoch(1)
     assert first != [ds[i][0][0].item() for i in range(63)]
@@ -168,16 +205,56 @@ def test_code_dataset_draws(tmp_path):
 
 def test_torchrun_cli_extraction_equals_one_process(vq_ckpt, toy_folder, tmp_path):
     extract(vq_ckpt, toy_folder, tmp_path / "one", ten_crop=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "data.py",
-           "extract", "--vq-ckpt", str(vq_ckpt), "--data-path", str(toy_folder), "--code-path",
-           str(tmp_path / "two"), "--image-size", str(S), "--ten-crop", "--crop-range", "1.1",
-           "--batch-size", "3", "--num-workers", "0"]
-    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=240)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "data.py",
+        "extract",
+        "--vq-ckpt",
+        str(vq_ckpt),
+        "--data-path",
+        str(toy_folder),
+        "--code-path",
+        str(tmp_path / "two"),
+        "--image-size",
+        str(S),
+        "--ten-crop",
+        "--crop-range",
+        "1.1",
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "0",
+    ]
+    out = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     for a, b in zip(load_store(tmp_path / "two"), load_store(tmp_path / "one")):
         np.testing.assert_array_equal(a, b)
-    bad = subprocess.run([sys.executable, "data.py", "extract", "--vq-ckpt", str(tmp_path / "missing.pt"),
-                          "--data-path", str(toy_folder), "--code-path", str(tmp_path / "x")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "data.py",
+            "extract",
+            "--vq-ckpt",
+            str(tmp_path / "missing.pt"),
+            "--data-path",
+            str(toy_folder),
+            "--code-path",
+            str(tmp_path / "x"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "error: checkpoint not found" in bad.stderr

@@ -1,7 +1,8 @@
 """Tests for data.py's shared runtime and image datasets.
 
-    python -m pytest tests/test_data.py -q
+python -m pytest tests/test_data.py -q
 """
+
 import hashlib
 import json
 import random
@@ -58,7 +59,9 @@ def test_download_rejects_corrupt_file(http_server):
     url = _serve(http_server, "c.bin", payload)
     with pytest.raises(data.UserError, match="sha256 check failed"):
         data.download(url, sha256="0" * 64)
-    assert not (data.cache_dir() / "c.bin").exists() and not (data.cache_dir() / "c.bin.part").exists()
+    assert (
+        not (data.cache_dir() / "c.bin").exists() and not (data.cache_dir() / "c.bin.part").exists()
+    )
     # the hub's ETag carries the sha256: a mismatch there is caught too
     http_server.extra_headers["c.bin"] = {"ETag": '"' + "a" * 64 + '"'}
     with pytest.raises(data.UserError, match="sha256 check failed"):
@@ -84,7 +87,12 @@ def test_hf_url_honours_hf_endpoint(monkeypatch):
 
 
 def test_checkpoint_roundtrip_is_atomic_and_plain(tmp_path):
-    obj = {"model": {"w": torch.randn(3)}, "step": 7, "args": {"lr": 1e-4}, "rng": data.get_rng_state()}
+    obj = {
+        "model": {"w": torch.randn(3)},
+        "step": 7,
+        "args": {"lr": 1e-4},
+        "rng": data.get_rng_state(),
+    }
     path = data.save_checkpoint(obj, tmp_path / "a" / "ckpt.pt")
     got = data.load_checkpoint(path)
     assert torch.equal(got["model"]["w"], obj["model"]["w"]) and got["step"] == 7
@@ -98,13 +106,19 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
         with data.atomic_write(path, "w") as f:
             f.write('{"v": 2, "trunc')
             raise KeyboardInterrupt  # a crash half-way through the write
-    assert json.loads(path.read_text()) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+    assert json.loads(path.read_text()) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == [
+        "stats.json"
+    ]
 
 
 def test_load_tokenizer_errors_are_one_line(tmp_path, vq_ckpt):
     assert data.load_tokenizer(vq_ckpt).config.codebook_size == 1024
-    data.save_checkpoint({"model": {"tok_embeddings.weight": torch.zeros(4, 2)}}, tmp_path / "gpt.pt")
-    with pytest.raises(data.UserError, match=r"cannot load the tokenizer .*gpt\.pt: this is a GPT checkpoint") as e:
+    data.save_checkpoint(
+        {"model": {"tok_embeddings.weight": torch.zeros(4, 2)}}, tmp_path / "gpt.pt"
+    )
+    with pytest.raises(
+        data.UserError, match=r"cannot load the tokenizer .*gpt\.pt: this is a GPT checkpoint"
+    ) as e:
         data.load_tokenizer(tmp_path / "gpt.pt")
     assert "\n" not in str(e.value)
     with pytest.raises(data.UserError, match="checkpoint not found"):
@@ -118,7 +132,9 @@ def test_load_checkpoint_errors_are_one_line(tmp_path):
     bad.write_bytes(b"garbage" * 10)
     with pytest.raises(data.UserError, match="bad.pt"):
         data.load_checkpoint(bad)
-    torch.save({"args": __import__("argparse").Namespace(a=1)}, tmp_path / "ns.pt")  # not plain types
+    torch.save(
+        {"args": __import__("argparse").Namespace(a=1)}, tmp_path / "ns.pt"
+    )  # not plain types
     with pytest.raises(data.UserError, match="weights_only"):
         data.load_checkpoint(tmp_path / "ns.pt")
 
@@ -156,16 +172,25 @@ def test_results_dir_and_jsonl(tmp_path):
     log = data.JsonlLogger(a / "log.jsonl")
     log.log({"step": 1, "loss": 0.5})
     log.log({"step": 2, "loss": 0.25})
-    assert [json.loads(line)["loss"] for line in (a / "log.jsonl").read_text().splitlines()] == [0.5, 0.25]
+    assert [json.loads(line)["loss"] for line in (a / "log.jsonl").read_text().splitlines()] == [
+        0.5,
+        0.25,
+    ]
 
 
 def test_cli_prints_one_line_error(tmp_path):
-    code = ("import data\n"
-            "def main(a): raise data.UserError('Caught UserError in DataLoader worker process 0.\\n"
-            "Traceback ...\\ndata.UserError: cannot read image x.png')\n"
-            "data.cli(main, lambda: None)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=data.__file__.rsplit("/", 1)[0],
-                       capture_output=True, text=True)
+    code = (
+        "import data\n"
+        "def main(a): raise data.UserError('Caught UserError in DataLoader worker process 0.\\n"
+        "Traceback ...\\ndata.UserError: cannot read image x.png')\n"
+        "data.cli(main, lambda: None)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=data.__file__.rsplit("/", 1)[0],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.strip() == "error: cannot read image x.png"
 
 
@@ -182,7 +207,9 @@ def test_quantisation_and_grid(tmp_path):
 
 
 def test_adm_crops_shapes_and_content():
-    img = Image.fromarray(np.tile((np.arange(300) % 256).astype(np.uint8)[None, :, None], (200, 1, 3)))
+    img = Image.fromarray(
+        np.tile((np.arange(300) % 256).astype(np.uint8)[None, :, None], (200, 1, 3))
+    )
     c = data.center_crop_arr(img, 64)
     assert c.size == (64, 64)
     arr = np.asarray(c)[..., 0].astype(int)
@@ -200,8 +227,10 @@ def test_image_folder_classes_sorted_and_augmentation_deterministic(toy_folder):
     x2, _ = ds[5]
     assert x1.shape == (3, 32, 32) and x1.min() >= -1 and x1.max() <= 1 and torch.equal(x1, x2)
     ds.set_epoch(1)
-    assert any(not torch.equal(ds[i][0], data.ImageFolder(toy_folder, 32, "random", seed=3)[i][0])
-               for i in range(8))  # a new epoch draws new crops
+    assert any(
+        not torch.equal(ds[i][0], data.ImageFolder(toy_folder, 32, "random", seed=3)[i][0])
+        for i in range(8)
+    )  # a new epoch draws new crops
 
 
 def test_tiny_imagenet_val_layout(tmp_path):
@@ -215,7 +244,11 @@ def test_tiny_imagenet_val_layout(tmp_path):
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     ds = data.ImageFolder(root / "val", 16)
     assert ds.classes == ["n01", "n02"]
-    assert [(p.name, y) for p, y in ds.samples] == [("val_0.JPEG", 1), ("val_1.JPEG", 0), ("val_2.JPEG", 1)]
+    assert [(p.name, y) for p, y in ds.samples] == [
+        ("val_0.JPEG", 1),
+        ("val_1.JPEG", 0),
+        ("val_2.JPEG", 1),
+    ]
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path):
@@ -239,7 +272,9 @@ def test_missing_or_empty_folder(tmp_path):
 def test_toy_dataset_classes_differ_visibly(tmp_path):
     root = data.make_toy_dataset(tmp_path, num_classes=4, per_class=6, size=32)
     ds = data.ImageFolder(root, 32)
-    colour = torch.stack([ds[i][0].flatten(1).max(1).values for i in range(len(ds))])  # (N, 3) brightest
+    colour = torch.stack(
+        [ds[i][0].flatten(1).max(1).values for i in range(len(ds))]
+    )  # (N, 3) brightest
     labels = torch.tensor([y for _, y in ds.samples])
     centroids = torch.stack([colour[labels == k].mean(0) for k in range(4)])  # (4, 3)
     nearest = torch.cdist(colour, centroids).argmin(1)

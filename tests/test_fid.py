@@ -8,6 +8,7 @@ pytorch-fid + torchvision installed (a throwaway venv, not a project dependency)
 
     python tests/test_fid.py --make-reference
 """
+
 import dataclasses
 import sys
 from pathlib import Path
@@ -16,21 +17,26 @@ import numpy as np
 import torch
 
 REFERENCE = Path(__file__).parent / "data" / "fid_pytorch_fid_reference.pt"
-pytestmark = __import__("pytest").mark.filterwarnings("ignore:.*sha256")  # random weights never match
+pytestmark = __import__("pytest").mark.filterwarnings(
+    "ignore:.*sha256"
+)  # random weights never match
 
 
 def random_fid_weights(shapes: dict, seed: int = 0) -> dict:
     """The recipe lives in fid.py (it also backs --inception-weights random); the reference file
     records the checksum of the weights it was made with, so a change to the recipe fails the test."""
     import fid
+
     return fid.random_inception_weights(shapes, seed)
 
 
 def reference_inputs():
     """Two 299 x 299 and two 256 x 256 uint8 images (B, 3, H, W) from a fixed seed."""
     g = torch.Generator().manual_seed(1)
-    return (torch.randint(0, 256, (2, 3, 299, 299), generator=g, dtype=torch.uint8),
-            torch.randint(0, 256, (2, 3, 256, 256), generator=g, dtype=torch.uint8))
+    return (
+        torch.randint(0, 256, (2, 3, 299, 299), generator=g, dtype=torch.uint8),
+        torch.randint(0, 256, (2, 3, 256, 256), generator=g, dtype=torch.uint8),
+    )
 
 
 def weights_checksum(sd):
@@ -40,9 +46,17 @@ def weights_checksum(sd):
 def make_reference():
     """Run pytorch-fid's InceptionV3 (use_fid_inception=True) on `reference_inputs` and save outputs."""
     from pytorch_fid import inception as pfi
-    net = pfi.fid_inception_v3.__globals__  # the module namespace, to feed our weights to its loader
-    shapes = {k: v.shape for k, v in pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-              .state_dict().items() if not k.endswith("num_batches_tracked")}
+
+    net = (
+        pfi.fid_inception_v3.__globals__
+    )  # the module namespace, to feed our weights to its loader
+    shapes = {
+        k: v.shape
+        for k, v in pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+        .state_dict()
+        .items()
+        if not k.endswith("num_batches_tracked")
+    }
     sd = random_fid_weights(shapes)
     net["load_state_dict_from_url"] = lambda *args, **kwargs: sd
     out = {"checksum": weights_checksum(sd), "num_keys": len(sd)}
@@ -50,14 +64,20 @@ def make_reference():
         model = pfi.InceptionV3([3], resize_input=resize, normalize_input=normalize).eval()
         mixed_6d = model.blocks[2][6]  # Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e
         spatial = []
-        mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: spatial.append(o[:, :7].permute(0, 2, 3, 1).flatten(1)))
+        mixed_6d.branch1x1.register_forward_hook(
+            lambda m, i, o: spatial.append(o[:, :7].permute(0, 2, 3, 1).flatten(1))
+        )
         for x in reference_inputs():
             if name == "adm-normalised" and x.shape[-1] != 299:
                 continue
-            inp = x.float() / 255 if normalize else (x.float() - 128) / 128  # pytorch-fid feeds [0, 1]
+            inp = (
+                x.float() / 255 if normalize else (x.float() - 128) / 128
+            )  # pytorch-fid feeds [0, 1]
             with torch.no_grad():
                 pool3 = model(inp)[0].flatten(1)
-            out[f"{name}-{x.shape[-1]}"] = dict(pool3=pool3, spatial=spatial.pop(), logits=pool3 @ sd["fc.weight"].T)
+            out[f"{name}-{x.shape[-1]}"] = dict(
+                pool3=pool3, spatial=spatial.pop(), logits=pool3 @ sd["fc.weight"].T
+            )
     REFERENCE.parent.mkdir(exist_ok=True)
     torch.save(out, REFERENCE)
     print(f"wrote {REFERENCE} ({REFERENCE.stat().st_size} bytes): {sorted(out)}")
@@ -79,7 +99,9 @@ import fid  # noqa: E402
 def net():
     """The FID Inception with the deterministic random weights of the reference file."""
     model = fid.InceptionV3().eval()
-    shapes = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    shapes = {
+        k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")
+    }
     model.load_state_dict(random_fid_weights(shapes), strict=False)
     return model
 
@@ -88,16 +110,21 @@ def net():
 def weights_file(net, tmp_path_factory):
     """The same random weights saved as a weights file (plain state dict, ~96 MB)."""
     path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    torch.save({k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    torch.save(
+        {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}, path
+    )
     return path
 
 
 # ----------------------------------------------------------------------------- network
 
+
 def test_output_shapes(net):
     with torch.no_grad():
         pool3, spatial, logits = net(torch.randint(0, 256, (1, 3, 64, 48), dtype=torch.uint8))
-    assert pool3.shape == (1, 2048) and spatial.shape == (1, 17 * 17 * 7) and logits.shape == (1, 1008)
+    assert (
+        pool3.shape == (1, 2048) and spatial.shape == (1, 17 * 17 * 7) and logits.shape == (1, 1008)
+    )
     assert torch.isfinite(pool3).all() and pool3.abs().max() > 0
 
 
@@ -106,68 +133,133 @@ def test_matches_pytorch_fid(net):
     ref = torch.load(REFERENCE, weights_only=True)
     sd = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert ref["num_keys"] == len(sd) == 472
-    assert ref["checksum"] == pytest.approx(weights_checksum(sd), rel=1e-12)  # same recipe, same RNG
+    assert ref["checksum"] == pytest.approx(
+        weights_checksum(sd), rel=1e-12
+    )  # same recipe, same RNG
     x299, x256 = reference_inputs()
-    cases = [("pytorch-fid-299", x299, "pytorch-fid"), ("pytorch-fid-256", x256, "pytorch-fid"),
-             ("adm-normalised-299", x299, "adm")]  # at 299 the ADM resize is the identity
+    cases = [
+        ("pytorch-fid-299", x299, "pytorch-fid"),
+        ("pytorch-fid-256", x256, "pytorch-fid"),
+        ("adm-normalised-299", x299, "adm"),
+    ]  # at 299 the ADM resize is the identity
     for key, x, mode in cases:
         with torch.no_grad():
             got = dict(zip(("pool3", "spatial", "logits"), net(x, mode)))
         for name, want in ref[key].items():
             scale = want.abs().max().item()
             assert scale > 1e-3
-            torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5 * scale, msg=f"{key} {name}")
+            torch.testing.assert_close(
+                got[name], want, rtol=1e-4, atol=1e-5 * scale, msg=f"{key} {name}"
+            )
 
 
 def test_expected_key_layout_loads_strictly(tmp_path):
     """The 472 keys of EVAL.md §1.1, derived from the architecture text, load; anything else fails."""
-    convs = [("Conv2d_1a_3x3", 3, 32, 3, 3), ("Conv2d_2a_3x3", 32, 32, 3, 3), ("Conv2d_2b_3x3", 32, 64, 3, 3),
-             ("Conv2d_3b_1x1", 64, 80, 1, 1), ("Conv2d_4a_3x3", 80, 192, 3, 3)]
-    for name, cin, pool in [("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)]:  # type A
-        convs += [(f"{name}.branch1x1", cin, 64, 1, 1), (f"{name}.branch5x5_1", cin, 48, 1, 1),
-                  (f"{name}.branch5x5_2", 48, 64, 5, 5), (f"{name}.branch3x3dbl_1", cin, 64, 1, 1),
-                  (f"{name}.branch3x3dbl_2", 64, 96, 3, 3), (f"{name}.branch3x3dbl_3", 96, 96, 3, 3),
-                  (f"{name}.branch_pool", cin, pool, 1, 1)]
-    convs += [("Mixed_6a.branch3x3", 288, 384, 3, 3), ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),  # type B
-              ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3), ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3)]
-    for name, c7 in [("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)]:  # type C
-        convs += [(f"{name}.branch1x1", 768, 192, 1, 1), (f"{name}.branch7x7_1", 768, c7, 1, 1),
-                  (f"{name}.branch7x7_2", c7, c7, 1, 7), (f"{name}.branch7x7_3", c7, 192, 7, 1),
-                  (f"{name}.branch7x7dbl_1", 768, c7, 1, 1), (f"{name}.branch7x7dbl_2", c7, c7, 7, 1),
-                  (f"{name}.branch7x7dbl_3", c7, c7, 1, 7), (f"{name}.branch7x7dbl_4", c7, c7, 7, 1),
-                  (f"{name}.branch7x7dbl_5", c7, 192, 1, 7), (f"{name}.branch_pool", 768, 192, 1, 1)]
-    convs += [("Mixed_7a.branch3x3_1", 768, 192, 1, 1), ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),  # type D
-              ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1), ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
-              ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1), ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3)]
+    convs = [
+        ("Conv2d_1a_3x3", 3, 32, 3, 3),
+        ("Conv2d_2a_3x3", 32, 32, 3, 3),
+        ("Conv2d_2b_3x3", 32, 64, 3, 3),
+        ("Conv2d_3b_1x1", 64, 80, 1, 1),
+        ("Conv2d_4a_3x3", 80, 192, 3, 3),
+    ]
+    for name, cin, pool in [
+        ("Mixed_5b", 192, 32),
+        ("Mixed_5c", 256, 64),
+        ("Mixed_5d", 288, 64),
+    ]:  # type A
+        convs += [
+            (f"{name}.branch1x1", cin, 64, 1, 1),
+            (f"{name}.branch5x5_1", cin, 48, 1, 1),
+            (f"{name}.branch5x5_2", 48, 64, 5, 5),
+            (f"{name}.branch3x3dbl_1", cin, 64, 1, 1),
+            (f"{name}.branch3x3dbl_2", 64, 96, 3, 3),
+            (f"{name}.branch3x3dbl_3", 96, 96, 3, 3),
+            (f"{name}.branch_pool", cin, pool, 1, 1),
+        ]
+    convs += [
+        ("Mixed_6a.branch3x3", 288, 384, 3, 3),
+        ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),  # type B
+        ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3),
+        ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3),
+    ]
+    for name, c7 in [
+        ("Mixed_6b", 128),
+        ("Mixed_6c", 160),
+        ("Mixed_6d", 160),
+        ("Mixed_6e", 192),
+    ]:  # type C
+        convs += [
+            (f"{name}.branch1x1", 768, 192, 1, 1),
+            (f"{name}.branch7x7_1", 768, c7, 1, 1),
+            (f"{name}.branch7x7_2", c7, c7, 1, 7),
+            (f"{name}.branch7x7_3", c7, 192, 7, 1),
+            (f"{name}.branch7x7dbl_1", 768, c7, 1, 1),
+            (f"{name}.branch7x7dbl_2", c7, c7, 7, 1),
+            (f"{name}.branch7x7dbl_3", c7, c7, 1, 7),
+            (f"{name}.branch7x7dbl_4", c7, c7, 7, 1),
+            (f"{name}.branch7x7dbl_5", c7, 192, 1, 7),
+            (f"{name}.branch_pool", 768, 192, 1, 1),
+        ]
+    convs += [
+        ("Mixed_7a.branch3x3_1", 768, 192, 1, 1),
+        ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),  # type D
+        ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1),
+        ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
+        ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1),
+        ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3),
+    ]
     for name, cin in [("Mixed_7b", 1280), ("Mixed_7c", 2048)]:  # type E
-        convs += [(f"{name}.branch1x1", cin, 320, 1, 1), (f"{name}.branch3x3_1", cin, 384, 1, 1),
-                  (f"{name}.branch3x3_2a", 384, 384, 1, 3), (f"{name}.branch3x3_2b", 384, 384, 3, 1),
-                  (f"{name}.branch3x3dbl_1", cin, 448, 1, 1), (f"{name}.branch3x3dbl_2", 448, 384, 3, 3),
-                  (f"{name}.branch3x3dbl_3a", 384, 384, 1, 3), (f"{name}.branch3x3dbl_3b", 384, 384, 3, 1),
-                  (f"{name}.branch_pool", cin, 192, 1, 1)]
+        convs += [
+            (f"{name}.branch1x1", cin, 320, 1, 1),
+            (f"{name}.branch3x3_1", cin, 384, 1, 1),
+            (f"{name}.branch3x3_2a", 384, 384, 1, 3),
+            (f"{name}.branch3x3_2b", 384, 384, 3, 1),
+            (f"{name}.branch3x3dbl_1", cin, 448, 1, 1),
+            (f"{name}.branch3x3dbl_2", 448, 384, 3, 3),
+            (f"{name}.branch3x3dbl_3a", 384, 384, 1, 3),
+            (f"{name}.branch3x3dbl_3b", 384, 384, 3, 1),
+            (f"{name}.branch_pool", cin, 192, 1, 1),
+        ]
     assert len(convs) == 94
     sd = {"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
     for name, cin, cout, kh, kw in convs:
         sd[f"{name}.conv.weight"] = torch.zeros(cout, cin, kh, kw)
-        sd.update({f"{name}.bn.{p}": torch.ones(cout) for p in ("weight", "bias", "running_mean", "running_var")})
+        sd.update(
+            {
+                f"{name}.bn.{p}": torch.ones(cout)
+                for p in ("weight", "bias", "running_mean", "running_var")
+            }
+        )
     assert len(sd) == 94 + 94 * 4 + 2 == 472
     assert sum(v.numel() for v in sd.values()) == 23_885_392  # EVAL.md §1
     assert {"Mixed_6d.branch1x1.conv.weight", "Mixed_7c.branch3x3dbl_3b.bn.running_var"} <= set(sd)
-    extra = {"Mixed_5b.branch1x1.bn.num_batches_tracked": torch.tensor(0), "AuxLogits.fc.weight": torch.zeros(3)}
+    extra = {
+        "Mixed_5b.branch1x1.bn.num_batches_tracked": torch.tensor(0),
+        "AuxLogits.fc.weight": torch.zeros(3),
+    }
     path = tmp_path / "w.pth"
     torch.save({**sd, **extra}, path)
     with pytest.warns(UserWarning, match="sha256"):  # not the released file: warn, do not fail
         model = fid.load_inception(path)
-    assert not model.training and torch.equal(model.Mixed_6d.branch1x1.bn.running_var, torch.ones(192))
-    bad = [{k: v for k, v in sd.items() if k != "fc.bias"}, {**sd, "Mixed_8a.conv.weight": torch.zeros(1)},
-           {**sd, "fc.weight": torch.zeros(1000, 2048)}]
+    assert not model.training and torch.equal(
+        model.Mixed_6d.branch1x1.bn.running_var, torch.ones(192)
+    )
+    bad = [
+        {k: v for k, v in sd.items() if k != "fc.bias"},
+        {**sd, "Mixed_8a.conv.weight": torch.zeros(1)},
+        {**sd, "fc.weight": torch.zeros(1000, 2048)},
+    ]
     for broken in bad:
         torch.save(broken, path)
-        with pytest.raises(data.UserError, match="not the FID Inception weights"), pytest.warns(UserWarning):
+        with (
+            pytest.raises(data.UserError, match="not the FID Inception weights"),
+            pytest.warns(UserWarning),
+        ):
             fid.load_inception(path)
 
 
 # ----------------------------------------------------------------------------- preprocessing
+
 
 def test_tf1_resize_hand_cases():
     """TF1 legacy bilinear: src = dst * float32(in/out), lo = floor, hi = min(lo + 1, in - 1), lerp."""
@@ -175,26 +267,40 @@ def test_tf1_resize_hand_cases():
     # (0,1,0), (0,1,0.6666667), (1,1,0.3333334). Row 0 [0,10]: 0, 0+10*0.6666667 = 6.666667, 10.
     # Row 1 = row 0 + (row 2 - row 0) * 0.6666667 = 0+20*.6666667, 6.666667+20*.6666667, 10+20*.6666667.
     x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]
-    want = torch.tensor([[0.0, 6.666667, 10.0], [13.333334, 20.0, 23.333334], [20.0, 26.666668, 30.0]])
+    want = torch.tensor(
+        [[0.0, 6.666667, 10.0], [13.333334, 20.0, 23.333334], [20.0, 26.666668, 30.0]]
+    )
     torch.testing.assert_close(fid.resize_tf1_bilinear(x, 3)[0, 0], want, rtol=0, atol=2e-6)
     # 4 -> 3 along x (rows identical): scale = f32(4/3) = 1.3333334; src = 0, 1.3333334, 2.6666667;
     # values 10*[0,1,2,3] -> 0, 10 + 10*0.3333334 = 13.333334, 20 + 10*0.6666667 = 26.666667
     x = (10 * torch.arange(4.0)).expand(4, 4)[None, None]
-    torch.testing.assert_close(fid.resize_tf1_bilinear(x, 3)[0, 0, 1], torch.tensor([0.0, 13.333334, 26.666667]),
-                               rtol=0, atol=2e-6)
+    torch.testing.assert_close(
+        fid.resize_tf1_bilinear(x, 3)[0, 0, 1],
+        torch.tensor([0.0, 13.333334, 26.666667]),
+        rtol=0,
+        atol=2e-6,
+    )
     # 3 -> 5 along x: scale = f32(3/5) = 0.6; src = 0, 0.6, 1.2, 1.8, 2.4 -> lo 0,0,1,1,2, hi clamps to 2;
     # values [0,10,20] -> 0, 6, 10+2 = 12, 10+8 = 18, 20 (hi = lo = 2)
     x = torch.tensor([0.0, 10.0, 20.0]).expand(3, 3)[None, None]
-    torch.testing.assert_close(fid.resize_tf1_bilinear(x, 5)[0, 0, 4], torch.tensor([0.0, 6.0, 12.0, 18.0, 20.0]),
-                               rtol=0, atol=2e-6)
+    torch.testing.assert_close(
+        fid.resize_tf1_bilinear(x, 5)[0, 0, 4],
+        torch.tensor([0.0, 6.0, 12.0, 18.0, 20.0]),
+        rtol=0,
+        atol=2e-6,
+    )
     # half-pixel resizing (pytorch-fid mode) gives different values for the same case
-    assert not torch.allclose(torch.nn.functional.interpolate(x, size=(5, 5), mode="bilinear")[0, 0, 4],
-                              torch.tensor([0.0, 6.0, 12.0, 18.0, 20.0]))
+    assert not torch.allclose(
+        torch.nn.functional.interpolate(x, size=(5, 5), mode="bilinear")[0, 0, 4],
+        torch.tensor([0.0, 6.0, 12.0, 18.0, 20.0]),
+    )
 
 
 def test_preprocess_normalisation():
     x = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
-    assert torch.equal(fid.preprocess(x, "adm"), (x.float() - 128) / 128)  # resize is the identity at 299
+    assert torch.equal(
+        fid.preprocess(x, "adm"), (x.float() - 128) / 128
+    )  # resize is the identity at 299
     torch.testing.assert_close(fid.preprocess(x, "pytorch-fid"), 2 * (x.float() / 255) - 1)
     assert fid.preprocess(torch.zeros(2, 3, 32, 40, dtype=torch.uint8)).shape == (2, 3, 299, 299)
     with pytest.raises(ValueError):
@@ -202,6 +308,7 @@ def test_preprocess_normalisation():
 
 
 # ----------------------------------------------------------------------------- metrics
+
 
 def _random_cov(rng, d, rank=None):
     a = rng.standard_normal((d, rank or d))
@@ -239,11 +346,15 @@ def test_frechet_ill_conditioned():
     r = rng.standard_normal((64, 64))
     s3 = r @ np.diag(np.logspace(-8, 1, 64)) @ r.T
     tr = np.sqrt(np.linalg.eigvals(s1 @ s3).real.clip(0)).sum()
-    assert fid.frechet_distance(zero, s1, zero, s3) == pytest.approx(np.trace(s1) + np.trace(s3) - 2 * tr, rel=1e-6)
+    assert fid.frechet_distance(zero, s1, zero, s3) == pytest.approx(
+        np.trace(s1) + np.trace(s3) - 2 * tr, rel=1e-6
+    )
 
 
 def test_inception_score():
-    assert fid.inception_score(torch.zeros(10, 1008)) == pytest.approx(1.0, abs=1e-9)  # uniform predictions
+    assert fid.inception_score(torch.zeros(10, 1008)) == pytest.approx(
+        1.0, abs=1e-9
+    )  # uniform predictions
     logits = torch.zeros(40, 1008)
     logits[torch.arange(40), torch.arange(40) % 8] = 40.0  # confident, spread over 8 classes
     assert fid.inception_score(logits) == pytest.approx(8.0, rel=1e-6)
@@ -260,11 +371,14 @@ def test_precision_recall():
     assert fid.precision_recall(x, x) == (1.0, 1.0)
     p, r = fid.precision_recall(x, x + 100)  # far apart: nothing covered
     assert p == 0.0 and r == 0.0
-    p, r = fid.precision_recall(x, 0.1 * torch.randn(200, 16))  # collapsed samples: precise, no recall
+    p, r = fid.precision_recall(
+        x, 0.1 * torch.randn(200, 16)
+    )  # collapsed samples: precise, no recall
     assert p > 0.9 and r < 0.2
 
 
 # ----------------------------------------------------------------------------- weights download
+
 
 def test_download_from_local_server(http_server, weights_file, monkeypatch):
     name = "pt_inception-2015-12-05-6726825d.pth"
@@ -290,12 +404,16 @@ def test_missing_input_fails_before_any_download(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
+
 def _write_pngs(folder, n, size, seed):
     from PIL import Image
+
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            folder / f"{i:03d}.png"
+        )
     return folder
 
 
@@ -307,36 +425,83 @@ def test_npz_reference_with_precomputed_stats(net, weights_file, tmp_path, capsy
     with torch.no_grad():
         pool3, spatial, _ = net(torch.from_numpy(samples).permute(0, 3, 1, 2))
     with pytest.warns(UserWarning, match="singular"):
-        (mu, sigma), (mu_s, sigma_s) = fid.compute_statistics(pool3.numpy()), fid.compute_statistics(spatial.numpy())
+        (mu, sigma), (mu_s, sigma_s) = (
+            fid.compute_statistics(pool3.numpy()),
+            fid.compute_statistics(spatial.numpy()),
+        )
     other = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)  # different images: P/R only
     np.savez(tmp_path / "ref.npz", arr_0=other, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-    args = fid.parse_args([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), "--device", "cpu",
-                           "--batch-size", "3", "--inception-weights", str(weights_file)])
+    args = fid.parse_args(
+        [
+            str(tmp_path / "ref.npz"),
+            str(tmp_path / "samples.npz"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "3",
+            "--inception-weights",
+            str(weights_file),
+        ]
+    )
     with pytest.warns(UserWarning):
         res = fid.main(args)
     assert abs(res["fid"]) < 1e-3 and abs(res["sfid"]) < 1e-3
     assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1 and res["inception_score"] >= 1
     out = capsys.readouterr().out
-    assert "reference precomputed statistics | samples 5 images | mode adm" in out and "FID (adm)" in out and "Recall (adm)" in out
+    assert (
+        "reference precomputed statistics | samples 5 images | mode adm" in out
+        and "FID (adm)" in out
+        and "Recall (adm)" in out
+    )
 
 
 def test_folders_end_to_end_and_saved_stats(net, weights_file, tmp_path, capsys):
-    a, b = _write_pngs(tmp_path / "a", 4, 24, seed=0), _write_pngs(tmp_path / "b" / "sub", 4, 24, seed=1)
-    common = ["--device", "cpu", "--batch-size", "3", "--num-workers", "0", "--mode", "pytorch-fid",
-              "--inception-weights", str(weights_file)]
+    a, b = (
+        _write_pngs(tmp_path / "a", 4, 24, seed=0),
+        _write_pngs(tmp_path / "b" / "sub", 4, 24, seed=1),
+    )
+    common = [
+        "--device",
+        "cpu",
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "0",
+        "--mode",
+        "pytorch-fid",
+        "--inception-weights",
+        str(weights_file),
+    ]
     with pytest.warns(UserWarning, match="only 4 images"):
-        res = fid.main(fid.parse_args([str(a), str(tmp_path / "b"), "--save-stats", str(tmp_path / "b.npz")] + common))
+        res = fid.main(
+            fid.parse_args(
+                [str(a), str(tmp_path / "b"), "--save-stats", str(tmp_path / "b.npz")] + common
+            )
+        )
     assert set(res) == {"mode", "fid", "sfid", "inception_score", "precision", "recall"}
     assert res["fid"] > 0 and np.isfinite(res["sfid"]) and res["mode"] == "pytorch-fid"
     assert "FID (pytorch-fid)" in capsys.readouterr().out
     # the statistics file: ADM keys + pool3 of folder b (recursive), reused as is by load_set
     with torch.no_grad():
-        pool3 = net(torch.stack([torch.from_numpy(np.array(data.load_image(p))).permute(2, 0, 1)
-                                 for p in sorted(b.iterdir())]), "pytorch-fid")[0]
+        pool3 = net(
+            torch.stack(
+                [
+                    torch.from_numpy(np.array(data.load_image(p))).permute(2, 0, 1)
+                    for p in sorted(b.iterdir())
+                ]
+            ),
+            "pytorch-fid",
+        )[0]
     stats = fid.load_set(str(tmp_path / "b.npz"), None, fid.parse_args(["x"] + common))
-    assert stats["mode"] == "pytorch-fid" and stats["n"] == 4 and stats["sigma_s"].shape == (2023, 2023)
+    assert (
+        stats["mode"] == "pytorch-fid"
+        and stats["n"] == 4
+        and stats["sigma_s"].shape == (2023, 2023)
+    )
     torch.testing.assert_close(torch.from_numpy(stats["pool3"]), pool3, rtol=1e-4, atol=1e-5)
-    assert res["inception_score"] == pytest.approx(fid.inception_score(pool3 @ net.fc.weight.T), rel=1e-4)
+    assert res["inception_score"] == pytest.approx(
+        fid.inception_score(pool3 @ net.fc.weight.T), rel=1e-4
+    )
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.UserError, match="no images"), pytest.warns(UserWarning):
         fid.main(fid.parse_args([str(a), str(tmp_path / "empty")] + common))
@@ -344,12 +509,29 @@ def test_folders_end_to_end_and_saved_stats(net, weights_file, tmp_path, capsys)
 
 def test_rfid_tiny_vq(weights_file, tmp_path, capsys):
     import vq
+
     tok = vq.VQModel(vq.VQConfig.from_name("VQ-tiny"))
     ckpt = tmp_path / "vq.pt"
-    data.save_checkpoint({"model": tok.state_dict(), "config": dataclasses.asdict(tok.config)}, ckpt)
+    data.save_checkpoint(
+        {"model": tok.state_dict(), "config": dataclasses.asdict(tok.config)}, ckpt
+    )
     folder = _write_pngs(tmp_path / "val" / "n01", 3, 40, seed=2)
-    args = fid.parse_args(["--rfid", "--vq-ckpt", str(ckpt), str(folder.parent), "--image-size", "16",
-                           "--device", "cpu", "--num-workers", "0", "--inception-weights", str(weights_file)])
+    args = fid.parse_args(
+        [
+            "--rfid",
+            "--vq-ckpt",
+            str(ckpt),
+            str(folder.parent),
+            "--image-size",
+            "16",
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+            "--inception-weights",
+            str(weights_file),
+        ]
+    )
     with pytest.warns(UserWarning):
         res = fid.main(args)
     assert res["fid"] > 0 and 0 < res["psnr"] < 60

@@ -1,7 +1,8 @@
 """Tests for gpt.py: official key layout and sizes, KV cache vs full forward, CFG, losses, loading.
 
-    python -m pytest tests/test_gpt.py -q
+python -m pytest tests/test_gpt.py -q
 """
+
 import math
 import re
 from dataclasses import asdict
@@ -18,10 +19,14 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "spec" / "reference
 NO_DROPOUT = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
 # spec b.1: exact official parameter counts (vocab 16384, 1000 classes; t2i caption_dim 2048)
 PARAM_COUNTS = {
-    "GPT-B": (110_888_448, 112_282_368), "GPT-L": (342_910_976, 345_031_680),
-    "GPT-XL": (774_699_520, 777_678_080), "GPT-XXL": (1_410_972_672, 1_414_940_160),
-    "GPT-XXXL": (3_893_027_840, 3_902_261_760), "GPT-1B": (1_199_616_000, 1_205_954_560),
-    "GPT-3B": (3_096_659_200, 3_110_249_600), "GPT-7B": (6_614_589_440, 6_635_655_168),
+    "GPT-B": (110_888_448, 112_282_368),
+    "GPT-L": (342_910_976, 345_031_680),
+    "GPT-XL": (774_699_520, 777_678_080),
+    "GPT-XXL": (1_410_972_672, 1_414_940_160),
+    "GPT-XXXL": (3_893_027_840, 3_902_261_760),
+    "GPT-1B": (1_199_616_000, 1_205_954_560),
+    "GPT-3B": (3_096_659_200, 3_110_249_600),
+    "GPT-7B": (6_614_589_440, 6_635_655_168),
 }
 
 
@@ -48,8 +53,11 @@ def make_cond(model, B=2):
 def guided_logits(model, idx, cond, emb_mask, cfg_scale):
     """Teacher-forced logits with CFG, computed without the KV cache."""
     c = model.config
-    null = torch.full_like(cond, c.num_classes) if c.model_type == "c2i" else \
-        model.cls_embedding.uncond_embedding[: c.cls_token_num].expand_as(cond)
+    null = (
+        torch.full_like(cond, c.num_classes)
+        if c.model_type == "c2i"
+        else model.cls_embedding.uncond_embedding[: c.cls_token_num].expand_as(cond)
+    )
     mask = None if emb_mask is None else torch.cat([emb_mask, emb_mask])
     logits, _ = model(torch.cat([idx, idx]), torch.cat([cond, null]), emb_mask=mask)
     cond_l, uncond_l = logits.chunk(2)
@@ -67,7 +75,10 @@ def test_manifest_keys_shapes_and_strict_load(manifest):
     kw = dict(model_type="t2i", cls_token_num=120) if manifest.stem.startswith("t2i") else {}
     with torch.device("meta"):
         model = GPT(GPTConfig.from_name(preset, block_size=block, **kw))
-    want = [(n, tuple(int(s) for s in shape.split(","))) for n, shape, _ in (l.split("\t") for l in lines[1:])]
+    want = [
+        (n, tuple(int(s) for s in shape.split(",")))
+        for n, shape, _ in (l.split("\t") for l in lines[1:])
+    ]
     assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == want
     buffers = {n for n, _ in model.named_buffers()}
     assert buffers == ({"cls_embedding.uncond_embedding"} if kw else set())
@@ -88,21 +99,27 @@ def test_official_parameter_counts(name):
 
 def test_config_names_and_sizes():
     assert GPTConfig.from_name("XL") == GPTConfig.from_name("GPT-XL")
-    assert GPTConfig.from_name("3B").head_dim == 100 and GPTConfig.from_name("3B").ffn_hidden == 8704
+    assert (
+        GPTConfig.from_name("3B").head_dim == 100 and GPTConfig.from_name("3B").ffn_hidden == 8704
+    )
     assert GPTConfig.from_name("tiny", block_size=576).grid_size == 24
     with pytest.raises(ValueError, match="GPT-B.*GPT-tiny"):
         GPTConfig.from_name("GPT-XS")
     with pytest.raises(ValueError, match="square"):
         GPT(GPTConfig.from_name("tiny", block_size=20))
-    assert "freqs_cis" not in GPT(GPTConfig.from_name("tiny", vocab_size=8, block_size=4)).state_dict()
+    assert (
+        "freqs_cis" not in GPT(GPTConfig.from_name("tiny", vocab_size=8, block_size=4)).state_dict()
+    )
 
 
 def test_rope_table_is_official():
     f = gpt.precompute_freqs_cis_2d(grid=3, head_dim=100, base=10000, cls_token_num=2)
     assert f.shape == (2 + 9, 50, 2) and f[:2].abs().sum() == 0  # condition rows: cos = sin = 0
     row, col = divmod(5, 3)  # token 5 sits at (1, 2)
-    angles = torch.tensor([row * 10000 ** (-2 * k / 50) for k in range(25)] +
-                          [col * 10000 ** (-2 * k / 50) for k in range(25)])
+    angles = torch.tensor(
+        [row * 10000 ** (-2 * k / 50) for k in range(25)]
+        + [col * 10000 ** (-2 * k / 50) for k in range(25)]
+    )
     torch.testing.assert_close(f[2 + 5], torch.stack([angles.cos(), angles.sin()], -1))
 
 
@@ -176,9 +193,13 @@ def test_chunked_loss_matches_plain_loss_and_grads(monkeypatch, use_valid):
     for return_logits in (True, False):
         model.zero_grad()
         torch.manual_seed(1)  # same dropout masks in both runs
-        logits, loss = model(z[:, :-1], cond, targets=z, emb_mask=emb_mask, valid=valid, return_logits=return_logits)
+        logits, loss = model(
+            z[:, :-1], cond, targets=z, emb_mask=emb_mask, valid=valid, return_logits=return_logits
+        )
         loss.backward()
-        results.append((logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        results.append(
+            (logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        )
     (logits, loss, grads), (none, chunked, chunked_grads) = results
     assert logits is not None and none is None
     torch.testing.assert_close(chunked, loss)
@@ -188,8 +209,12 @@ def test_chunked_loss_matches_plain_loss_and_grads(monkeypatch, use_valid):
 
 # ---- KV cache and sampling ---------------------------------------------------------------------
 
-VARIANTS = {"c2i": dict(), "t2i": dict(model_type="t2i"), "gqa": dict(n_kv_head=2),
-            "head_dim_100": dict(dim=200, n_head=2)}
+VARIANTS = {
+    "c2i": dict(),
+    "t2i": dict(model_type="t2i"),
+    "gqa": dict(n_kv_head=2),
+    "head_dim_100": dict(dim=200, n_head=2),
+}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -199,14 +224,22 @@ def test_kv_cache_decoding_equals_full_forward(variant):
     cond, emb_mask = make_cond(model)
     z = torch.randint(0, 32, (2, 15))
     full, _ = model(z, cond, emb_mask=emb_mask)  # (B, 16, V)
-    keep = None if emb_mask is None else torch.cat([emb_mask.bool(), torch.ones(2, 15, dtype=torch.bool)], 1)
+    keep = (
+        None
+        if emb_mask is None
+        else torch.cat([emb_mask.bool(), torch.ones(2, 15, dtype=torch.bool)], 1)
+    )
     model.setup_caches(2, c.cls_token_num + 15, torch.float32, "cpu")
     with torch.no_grad():
         x = model.cls_embedding(cond, train=False)
         steps = [model.forward_step(x, torch.arange(c.cls_token_num), c.cls_token_num, keep)]
         for i in range(15):
             pos = c.cls_token_num + i
-            steps.append(model.forward_step(model.tok_embeddings(z[:, i:i + 1]), torch.tensor([pos]), pos + 1, keep))
+            steps.append(
+                model.forward_step(
+                    model.tok_embeddings(z[:, i : i + 1]), torch.tensor([pos]), pos + 1, keep
+                )
+            )
     model.teardown_caches()
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -233,7 +266,9 @@ def test_greedy_cfg_generate_matches_teacher_forcing(variant):
     with torch.no_grad():
         want = guided_logits(model, tokens[:, :-1], cond, emb_mask, 3.0).argmax(-1)
     assert torch.equal(tokens, want)
-    assert list(model.state_dict()) == keys and all(l.attention.kv_cache is None for l in model.layers)
+    assert list(model.state_dict()) == keys and all(
+        l.attention.kv_cache is None for l in model.layers
+    )
 
 
 def test_cfg_interval_switches_to_conditional_logits():
@@ -251,7 +286,14 @@ def test_cfg_scale_one_equals_plain_conditional_sampling(model_type):
     model = tiny(model_type)
     cond, emb_mask = make_cond(model)
     kw = dict(temperature=1.3, top_k=20, top_p=0.9)
-    tokens = generate(model, cond, cfg_scale=1.0, emb_mask=emb_mask, generator=torch.Generator().manual_seed(7), **kw)
+    tokens = generate(
+        model,
+        cond,
+        cfg_scale=1.0,
+        emb_mask=emb_mask,
+        generator=torch.Generator().manual_seed(7),
+        **kw,
+    )
     g = torch.Generator().manual_seed(7)
     seq = torch.zeros(2, 0, dtype=torch.long)
     with torch.no_grad():
@@ -263,10 +305,16 @@ def test_cfg_scale_one_equals_plain_conditional_sampling(model_type):
 
 def test_sample_filters_like_hf():
     logits = torch.tensor([[2.0, 2.0, 0.0, -1.0]])
-    got = {gpt.sample(logits, top_k=1, generator=torch.Generator().manual_seed(s)).item() for s in range(40)}
+    got = {
+        gpt.sample(logits, top_k=1, generator=torch.Generator().manual_seed(s)).item()
+        for s in range(40)
+    }
     assert got == {0, 1}  # top-k keeps ties
     logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
-    got = {gpt.sample(logits, top_p=0.6, generator=torch.Generator().manual_seed(s)).item() for s in range(40)}
+    got = {
+        gpt.sample(logits, top_p=0.6, generator=torch.Generator().manual_seed(s)).item()
+        for s in range(40)
+    }
     assert got == {0, 1}  # top-p keeps the first token past the threshold
     assert gpt.sample(torch.tensor([[0.0, 1.0, 0.5]]), temperature=0.0).item() == 1
 
@@ -278,8 +326,16 @@ def test_checkpoint_round_trip_our_format(tmp_path):
     model, ema = tiny(), tiny(n_layer=2)
     torch.nn.init.normal_(ema.output.weight)
     path = tmp_path / "last.pt"
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "config": asdict(model.config),
-                "args": {"lr": 1e-4}, "step": 3}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "config": asdict(model.config),
+            "args": {"lr": 1e-4},
+            "step": 3,
+        },
+        path,
+    )
     z, labels = torch.randint(0, 32, (2, 15)), torch.tensor([1, 2])
     for prefer_ema, want in ((True, ema), (False, model)):
         loaded = GPT.from_checkpoint(path, prefer_ema=prefer_ema)
@@ -290,7 +346,11 @@ def test_checkpoint_round_trip_our_format(tmp_path):
 @pytest.mark.parametrize("container", ["model", "module", "state_dict", "raw"])
 def test_checkpoint_official_containers(tmp_path, container):
     model = tiny()
-    sd = dict(model.state_dict(), freqs_cis=model.freqs_cis, **{"layers.0.attention.kv_cache.k_cache": torch.zeros(1)})
+    sd = dict(
+        model.state_dict(),
+        freqs_cis=model.freqs_cis,
+        **{"layers.0.attention.kv_cache.k_cache": torch.zeros(1)},
+    )
     path = tmp_path / "c2i_tiny_64.pt"  # 64 px with the ds16 VQ -> block_size 16
     torch.save(sd if container == "raw" else {container: sd}, path)
     loaded = GPT.from_checkpoint(path)
@@ -305,12 +365,22 @@ def test_loader_errors_are_clear():
     with torch.device("meta"):
         sd = GPT(GPTConfig.from_name("B")).state_dict()
         big = GPT(GPTConfig.from_name("L"))
-    with pytest.raises(ValueError, match=r"missing.*mis-shaped.*looks like GPT-B c2i \(dim 768, 12 layers"):
+    with pytest.raises(
+        ValueError, match=r"missing.*mis-shaped.*looks like GPT-B c2i \(dim 768, 12 layers"
+    ):
         gpt.load_gpt_state_dict(big, sd)
-    vq_file = {"model": {"encoder.conv_in.weight": torch.zeros(1), "quantize.codebook_used": torch.zeros(1)}}
+    vq_file = {
+        "model": {
+            "encoder.conv_in.weight": torch.zeros(1),
+            "quantize.codebook_used": torch.zeros(1),
+        }
+    }
     with pytest.raises(ValueError, match="not a GPT"):
         GPT.from_checkpoint(vq_file, image_size=256)
-    ours = {**vq_file, "config": {"codebook_size": 1024, "z_channels": 64}}  # our VQ files carry a config
+    ours = {
+        **vq_file,
+        "config": {"codebook_size": 1024, "z_channels": 64},
+    }  # our VQ files carry a config
     with pytest.raises(ValueError, match="is a VQ tokenizer, not a GPT"):
         GPT.from_checkpoint(ours)
 
@@ -318,7 +388,9 @@ def test_loader_errors_are_clear():
 # ---- official reference outputs ----------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (REFERENCE / "check.py").exists(), reason="spec/reference not beside the checkout")
+@pytest.mark.skipif(
+    not (REFERENCE / "check.py").exists(), reason="spec/reference not beside the checkout"
+)
 def test_official_reference_check(capsys):
     """The GPT half of spec/reference/check.py (the VQ half belongs to tests/test_vq.py)."""
     source = (REFERENCE / "check.py").read_text()

@@ -3,6 +3,7 @@ the official t2i attention masks and null caption of gpt.py, and t2i training an
 
     python -m pytest tests/test_t2i.py -q
 """
+
 import json
 import sys
 from dataclasses import asdict
@@ -19,7 +20,7 @@ import text
 import vq
 
 T = text.MAX_TOKENS  # 120 caption slots, as the released models
-D = 32               # tiny T5 width = the tiny GPT's caption_dim
+D = 32  # tiny T5 width = the tiny GPT's caption_dim
 WORDS = "a an of on picture dark background red green blue yellow disc stripes checker ring cat photo".split()
 
 
@@ -33,17 +34,30 @@ def t5_dir(tmp_path_factory):
     pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
     torch.manual_seed(0)
-    model = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=D, d_kv=8, d_ff=64, num_layers=2,
-                                    num_heads=4, decoder_start_token_id=0))
+    model = T5EncoderModel(
+        T5Config(
+            vocab_size=len(vocab),
+            d_model=D,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+        )
+    )
     path = tmp_path_factory.mktemp("tiny-t5")
     model.save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(path)
     return path
 
 
@@ -58,10 +72,15 @@ def toy_jsonl(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy-t2i")
     jsonl = text.make_toy_t2i(root, num_classes=2, per_class=4, size=32)
     (root / "corrupt.png").write_bytes(b"not a png")
-    Image.new("RGB", (16, 16), (200, 0, 0)).save(root / "small.png")  # smaller than the 32 px images
-    bad = [{"image_path": "missing.png", "text": "a red disc"}, {"image_path": "corrupt.png", "text": "a red disc"},
-           {"image_path": "small.png", "text": "a red disc"},
-           {"image_path": "000-red-disc/0000.png", "text": None}]  # no caption -> no features
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(
+        root / "small.png"
+    )  # smaller than the 32 px images
+    bad = [
+        {"image_path": "missing.png", "text": "a red disc"},
+        {"image_path": "corrupt.png", "text": "a red disc"},
+        {"image_path": "small.png", "text": "a red disc"},
+        {"image_path": "000-red-disc/0000.png", "text": None},
+    ]  # no caption -> no features
     with open(jsonl, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in bad)
     return jsonl
@@ -70,18 +89,28 @@ def toy_jsonl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def store(toy_jsonl, vq_ckpt, encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "codes"
-    meta = text.extract(toy_jsonl, out, vq_ckpt, encoder, image_size=32, batch_size=3, num_workers=0)
+    meta = text.extract(
+        toy_jsonl, out, vq_ckpt, encoder, image_size=32, batch_size=3, num_workers=0
+    )
     return out, meta
 
 
 def tiny_t2i(seed=0, **kw):
     """A random tiny t2i GPT with 120 caption slots of width D, a 4x4 grid over VQ-tiny's 1024 codes."""
     torch.manual_seed(seed)
-    cfg = gpt.GPTConfig.from_name("tiny", model_type="t2i", cls_token_num=T, caption_dim=D, vocab_size=1024,
-                                  block_size=16, **{**dict(token_dropout_p=0.0, resid_dropout_p=0.0,
-                                                           ffn_dropout_p=0.0), **kw})
+    cfg = gpt.GPTConfig.from_name(
+        "tiny",
+        model_type="t2i",
+        cls_token_num=T,
+        caption_dim=D,
+        vocab_size=1024,
+        block_size=16,
+        **{**dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0), **kw},
+    )
     model = gpt.GPT(cfg)
-    torch.nn.init.normal_(model.output.weight, std=1.0)  # the zero-init head would make every logit equal
+    torch.nn.init.normal_(
+        model.output.weight, std=1.0
+    )  # the zero-init head would make every logit equal
     return model.eval()
 
 
@@ -90,7 +119,7 @@ def left_padded_captions(B=3, lengths=(5, 17, 120)):
     torch.manual_seed(1)
     mask = torch.zeros(B, T, dtype=torch.long)
     for b, n in enumerate(lengths[:B]):
-        mask[b, T - n:] = 1
+        mask[b, T - n :] = 1
     return torch.randn(B, T, D) * mask[..., None], mask
 
 
@@ -112,7 +141,7 @@ def official_generate_mask(emb_mask, max_seq, guided):
     """generate(): causal (max_batch, max_seq, max_seq), text columns times [mask; mask], diagonal 1."""
     masks = torch.cat([emb_mask, emb_mask]) if guided else emb_mask
     m = torch.tril(torch.ones(masks.shape[0], max_seq, max_seq))
-    m[:, :, :masks.shape[1]] = m[:, :, :masks.shape[1]] * masks[:, None, :].float()
+    m[:, :, : masks.shape[1]] = m[:, :, : masks.shape[1]] * masks[:, None, :].float()
     eye = torch.eye(max_seq)
     return (m * (1 - eye) + eye).bool()
 
@@ -125,6 +154,7 @@ def sdpa_masks(monkeypatch):
     def spy(q, k, v, attn_mask=None, **kw):
         calls.append((q.shape[-2], k.shape[-2], attn_mask))
         return real(q, k, v, attn_mask=attn_mask, **kw)
+
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     return calls
 
@@ -169,7 +199,9 @@ def test_generate_masks_match_official_in_both_guidance_halves(sdpa_masks):
     assert len(sdpa_masks) == model.config.n_layer * 16  # prefill + 15 decode steps, per layer
     for s, kv_len, got in sdpa_masks:
         got = got.expand(6, 1, s, kv_len)[:, 0]
-        rows = slice(0, T) if s == T else slice(kv_len - 1, kv_len)  # prefill, or the one decoded position
+        rows = (
+            slice(0, T) if s == T else slice(kv_len - 1, kv_len)
+        )  # prefill, or the one decoded position
         assert torch.equal(got, ref[:, rows, :kv_len])
         assert not ref[:, rows, kv_len:].any()  # nothing visible beyond what we attend over
         assert torch.equal(got[3:], got[:3])  # the uncond half uses the cond mask
@@ -191,7 +223,9 @@ def test_generate_uses_the_checkpoint_null_caption(tmp_path):
     model = tiny_t2i()
     saved = torch.randn(120, D) * 3  # not what a fresh model would draw
     model.cls_embedding.uncond_embedding.copy_(saved)
-    path = data.save_checkpoint({"model": model.state_dict(), "config": asdict(model.config)}, tmp_path / "t2i.pt")
+    path = data.save_checkpoint(
+        {"model": model.state_dict(), "config": asdict(model.config)}, tmp_path / "t2i.pt"
+    )
     torch.manual_seed(123)  # a different seed: a re-initialised buffer would differ
     loaded = gpt.GPT.from_checkpoint(data.load_checkpoint(path))
     seen = []
@@ -215,14 +249,20 @@ def test_invalid_samples_do_not_count_in_the_loss():
 # Captions and T5 features
 
 
-@pytest.mark.parametrize("raw, want", [
-    ("A Photo of a CAT on https://example.com/x.jpg <b>sofa</b>", "a photo of a cat on sofa"),
-    ("Red&nbsp;Dress \u2014 Free Shipping!!! item JC6640VC 1920x1080 #12345 \u6771\u4eac tower", "red dress item tower"),
-    ("<person> standing, @someone 192.168.0.1 photo.png", "person standing"),
-    ("hello%20world \U0001F600 wow... great", "hello world wow great"),
-    ("  'a red disc.'  ", "a red disc."),
-    ("my_file-name_with-parts in the 1990s", "my file name with parts in the 1990s"),
-])
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("A Photo of a CAT on https://example.com/x.jpg <b>sofa</b>", "a photo of a cat on sofa"),
+        (
+            "Red&nbsp;Dress \u2014 Free Shipping!!! item JC6640VC 1920x1080 #12345 \u6771\u4eac tower",
+            "red dress item tower",
+        ),
+        ("<person> standing, @someone 192.168.0.1 photo.png", "person standing"),
+        ("hello%20world \U0001f600 wow... great", "hello world wow great"),
+        ("  'a red disc.'  ", "a red disc."),
+        ("my_file-name_with-parts in the 1990s", "my file name with parts in the 1990s"),
+    ],
+)
 def test_clean_caption(raw, want):
     assert text.clean_caption(raw) == want
     assert text.clean_caption(want) == want  # cleaning twice changes nothing more
@@ -238,11 +278,25 @@ def test_left_pad_moves_tokens_right_and_zeroes_padding():
     assert torch.equal(again, out) and torch.equal(m2, m)
 
 
-def test_missing_transformers_names_the_package_and_model(monkeypatch, capsys, toy_jsonl, vq_ckpt, tmp_path):
-    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
-    with pytest.raises(data.UserError, match=r"pip install transformers sentencepiece.*google/flan-t5-xl"):
+def test_missing_transformers_names_the_package_and_model(
+    monkeypatch, capsys, toy_jsonl, vq_ckpt, tmp_path
+):
+    monkeypatch.setitem(
+        sys.modules, "transformers", None
+    )  # `import transformers` now raises ImportError
+    with pytest.raises(
+        data.UserError, match=r"pip install transformers sentencepiece.*google/flan-t5-xl"
+    ):
         text.encode_prompts(["a cat"])
-    argv = ["extract", "--data-path", str(toy_jsonl), "--code-path", str(tmp_path / "c"), "--vq-ckpt", str(vq_ckpt)]
+    argv = [
+        "extract",
+        "--data-path",
+        str(toy_jsonl),
+        "--code-path",
+        str(tmp_path / "c"),
+        "--vq-ckpt",
+        str(vq_ckpt),
+    ]
     with pytest.raises(SystemExit) as exit_info:
         data.cli(text.main, lambda: text.parse_args(argv))
     assert exit_info.value.code == 2
@@ -251,9 +305,14 @@ def test_missing_transformers_names_the_package_and_model(monkeypatch, capsys, t
 
 def test_text_module_imports_without_transformers():
     import subprocess
-    code = ("import sys; sys.modules['transformers'] = None; import text, train_gpt, sample; "
-            "assert text.clean_caption('A  Cat') == 'a cat'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(text.Path(text.__file__).parent))
+
+    code = (
+        "import sys; sys.modules['transformers'] = None; import text, train_gpt, sample; "
+        "assert text.clean_caption('A  Cat') == 'a cat'"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=str(text.Path(text.__file__).parent)
+    )
 
 
 def test_encoder_features_are_right_aligned_unpadded_t5_outputs(encoder):
@@ -262,7 +321,9 @@ def test_encoder_features_are_right_aligned_unpadded_t5_outputs(encoder):
     assert emb.shape == (2, T, D) and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == [4, 10]  # words + </s>
     assert (emb[~mask] == 0).all() and mask[:, -1].all()
-    for caption, e, m in zip(captions, emb, mask):  # equal to encoding the caption alone, without padding
+    for caption, e, m in zip(
+        captions, emb, mask
+    ):  # equal to encoding the caption alone, without padding
         ids = encoder.tokenizer([text.clean_caption(caption)], return_tensors="pt").input_ids
         alone = encoder.model(input_ids=ids).last_hidden_state[0]
         torch.testing.assert_close(e[m], alone, atol=1e-5, rtol=1e-5)
@@ -282,7 +343,11 @@ def test_caption_features_files(tmp_path):
     np.savez(tmp_path / "c.npz", emb=emb.numpy(), mask=mask.numpy())
     for name in ("c.pt", "c.npz"):
         e, m = text.load_caption_features(tmp_path / name)
-        assert torch.equal(e[0, 6:], emb[0, :4]) and (e[0, :6] == 0).all() and m[0].tolist() == [False] * 6 + [True] * 4
+        assert (
+            torch.equal(e[0, 6:], emb[0, :4])
+            and (e[0, :6] == 0).all()
+            and m[0].tolist() == [False] * 6 + [True] * 4
+        )
         e, m = text.fit_condition(e, m, T, D)
         assert e.shape == (2, T, D) and m.sum().item() == 14 and m[:, -1].all()
     torch.save({"emb": emb}, tmp_path / "bad.pt")
@@ -302,13 +367,22 @@ def test_read_jsonl_and_caption_keys(toy_jsonl):
     texts = records[0][1]
     assert text.pick_caption(texts) == "a red disc"
     assert text.pick_caption(texts, "llava") == "a picture of a red disc on a dark background"
-    assert text.pick_caption(texts, "2") == text.pick_caption(texts, "llava_first") == "a picture of a red disc"
+    assert (
+        text.pick_caption(texts, "2")
+        == text.pick_caption(texts, "llava_first")
+        == "a picture of a red disc"
+    )
     assert text.pick_caption("One. Two.", trunc=True) == "One" and text.pick_caption(None) is None
 
 
 def test_store_counts_bad_records_and_matches_the_encoders(store, toy_jsonl, vq_ckpt, encoder):
     path, meta = store
-    assert (meta["num_images"], meta["num_valid"], meta["bad_images"], meta["missing_captions"]) == (12, 8, 3, 1)
+    assert (
+        meta["num_images"],
+        meta["num_valid"],
+        meta["bad_images"],
+        meta["missing_captions"],
+    ) == (12, 8, 3, 1)
     assert meta["model_type"] == "t2i" and meta["block_size"] == 16 and meta["vocab_size"] == 1024
     feats = (path / "caption_features.f16").stat().st_size
     assert feats == meta["num_tokens"] * D * 2 < 12 * T * D * 2  # only valid tokens are stored
@@ -316,7 +390,12 @@ def test_store_counts_bad_records_and_matches_the_encoders(store, toy_jsonl, vq_
     items = [ds[i] for i in range(len(ds))]
     assert [bool(v) for *_, v in items] == [True] * 8 + [False] * 4
     codes, emb, mask, ok = items[1]
-    assert codes.shape == (16,) and codes.dtype == torch.int64 and emb.shape == (T, D) and mask.shape == (T,)
+    assert (
+        codes.shape == (16,)
+        and codes.dtype == torch.int64
+        and emb.shape == (T, D)
+        and mask.shape == (T,)
+    )
     want_emb, want_mask = encoder.encode(["a red disc"])
     assert torch.equal(mask, want_mask[0])
     torch.testing.assert_close(emb, want_emb[0], atol=2e-3, rtol=2e-3)  # stored as float16
@@ -333,6 +412,7 @@ def test_store_counts_bad_records_and_matches_the_encoders(store, toy_jsonl, vq_
 def test_extract_resumes_after_an_interruption(toy_jsonl, vq_ckpt, encoder, store, tmp_path):
     class Flaky:
         """Fails on the third batch, as a killed job would."""
+
         dim, max_length, calls = encoder.dim, encoder.max_length, 0
 
         def encode(self, captions):
@@ -340,11 +420,14 @@ def test_extract_resumes_after_an_interruption(toy_jsonl, vq_ckpt, encoder, stor
             if Flaky.calls == 3:
                 raise KeyboardInterrupt
             return encoder.encode(captions)
+
     out = tmp_path / "codes"
     with pytest.raises(KeyboardInterrupt):
         text.extract(toy_jsonl, out, vq_ckpt, Flaky(), image_size=32, batch_size=3, num_workers=0)
     assert json.loads((out / "meta.json").read_text())["num_done"] == 6
-    meta = text.extract(toy_jsonl, out, vq_ckpt, encoder, image_size=32, batch_size=3, num_workers=0)
+    meta = text.extract(
+        toy_jsonl, out, vq_ckpt, encoder, image_size=32, batch_size=3, num_workers=0
+    )
     assert meta["num_tokens"] == store[1]["num_tokens"]
     for name in ("codes.npy", "valid.npy", "caption_index.npy", "caption_features.f16"):
         assert (out / name).read_bytes() == (store[0] / name).read_bytes()
@@ -360,22 +443,50 @@ def test_extract_resumes_after_an_interruption(toy_jsonl, vq_ckpt, encoder, stor
 def t2i_run(store, vq_ckpt, tmp_path_factory):
     """5 steps of GPT-tiny on the toy store: 12 records, 4 of them bad, all in every batch of 12."""
     import train_gpt
+
     root = tmp_path_factory.mktemp("runs")
-    argv = ["--model", "tiny", "--code-path", str(store[0]), "--results-dir", str(root), "--num-workers", "0",
-            "--global-batch-size", "12", "--max-steps", "5", "--lr", "3e-3", "--log-every", "1",
-            "--vq-ckpt", str(vq_ckpt), "--sample-every", "5"]
+    argv = [
+        "--model",
+        "tiny",
+        "--code-path",
+        str(store[0]),
+        "--results-dir",
+        str(root),
+        "--num-workers",
+        "0",
+        "--global-batch-size",
+        "12",
+        "--max-steps",
+        "5",
+        "--lr",
+        "3e-3",
+        "--log-every",
+        "1",
+        "--vq-ckpt",
+        str(vq_ckpt),
+        "--sample-every",
+        "5",
+    ]
     return train_gpt.main(train_gpt.parse_args(argv))
 
 
 def test_train_t2i_skips_and_counts_bad_records(t2i_run):
     logs = [json.loads(line) for line in (t2i_run / "log.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in logs] == [4] * 5
-    assert logs[-1]["loss"] < logs[0]["loss"] and abs(logs[0]["loss"] - np.log(1024)) < 1e-3  # zero-init head
+    assert (
+        logs[-1]["loss"] < logs[0]["loss"] and abs(logs[0]["loss"] - np.log(1024)) < 1e-3
+    )  # zero-init head
     assert (t2i_run / "samples" / "0000005.png").is_file()  # sampled from the data's first captions
     ckpt = data.load_checkpoint(t2i_run / "checkpoints" / "last.pt")
     model = gpt.GPT.from_checkpoint(ckpt)
-    assert (model.config.model_type, model.config.cls_token_num, model.config.caption_dim) == ("t2i", T, D)
-    assert torch.equal(model.cls_embedding.uncond_embedding, ckpt["model"]["cls_embedding.uncond_embedding"])
+    assert (model.config.model_type, model.config.cls_token_num, model.config.caption_dim) == (
+        "t2i",
+        T,
+        D,
+    )
+    assert torch.equal(
+        model.cls_embedding.uncond_embedding, ckpt["model"]["cls_embedding.uncond_embedding"]
+    )
 
 
 def test_prompt_to_image_end_to_end(t2i_run, t5_dir, vq_ckpt):
@@ -383,8 +494,14 @@ def test_prompt_to_image_end_to_end(t2i_run, t5_dir, vq_ckpt):
     emb, mask = text.encode_prompts(["A RED disc!", "a picture of green stripes"], t5_path=t5_dir)
     model = gpt.GPT.from_checkpoint(data.load_checkpoint(t2i_run / "checkpoints" / "last.pt"))
     emb, mask = text.fit_condition(emb, mask, model.config.cls_token_num, model.config.caption_dim)
-    tokens = gpt.generate(model, emb, cfg_scale=7.5, top_k=1000, emb_mask=mask,
-                          generator=torch.Generator().manual_seed(0))
+    tokens = gpt.generate(
+        model,
+        emb,
+        cfg_scale=7.5,
+        top_k=1000,
+        emb_mask=mask,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert tokens.shape == (2, 16) and 0 <= tokens.min() and tokens.max() < 1024
     images = vq.VQModel.from_checkpoint(data.load_checkpoint(vq_ckpt)).decode_code(tokens)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
@@ -392,17 +509,38 @@ def test_prompt_to_image_end_to_end(t2i_run, t5_dir, vq_ckpt):
 
 def test_sample_py_prompts_and_caption_features(t2i_run, t5_dir, vq_ckpt, tmp_path):
     import sample
+
     (tmp_path / "prompts.txt").write_text("a picture of green stripes\n\n")
     common = ["--gpt-ckpt", str(t2i_run / "checkpoints" / "last.pt"), "--vq-ckpt", str(vq_ckpt)]
-    out = sample.main(sample.parse_args([*common, "--prompt", "a red disc", "a blue checker", "--prompt-file",
-                                         str(tmp_path / "prompts.txt"), "--t5-path", str(t5_dir),
-                                         "--out", str(tmp_path / "p.png")]))
+    out = sample.main(
+        sample.parse_args(
+            [
+                *common,
+                "--prompt",
+                "a red disc",
+                "a blue checker",
+                "--prompt-file",
+                str(tmp_path / "prompts.txt"),
+                "--t5-path",
+                str(t5_dir),
+                "--out",
+                str(tmp_path / "p.png"),
+            ]
+        )
+    )
     assert Image.open(out).size == (2 + 3 * 34, 2 + 34)  # 3 images of 32 px in one row
     emb, mask = text.encode_prompts(["a red disc"], t5_path=t5_dir)
     torch.save({"emb": emb, "mask": mask}, tmp_path / "c.pt")
-    args = sample.parse_args([*common, "--caption-features", str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.png")])
+    args = sample.parse_args(
+        [*common, "--caption-features", str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.png")]
+    )
     assert Image.open(sample.main(args)).size == (36, 36)
-    assert (args.cfg_scale, args.top_k, args.top_p, args.temperature) == (7.5, 1000, 1.0, 1.0)  # official t2i
+    assert (args.cfg_scale, args.top_k, args.top_p, args.temperature) == (
+        7.5,
+        1000,
+        1.0,
+        1.0,
+    )  # official t2i
     with pytest.raises(data.UserError, match="text-to-image GPT: pass --prompt"):
         sample.main(sample.parse_args([*common, "--labels", "1"]))
 
@@ -410,25 +548,46 @@ def test_sample_py_prompts_and_caption_features(t2i_run, t5_dir, vq_ckpt, tmp_pa
 def test_sample_py_fetches_the_released_t2i_files(http_server, monkeypatch, tmp_path):
     """No checkpoint given + prompts -> peizesun/llamagen_t2i files (served locally, tiny stand-ins)."""
     import sample
+
     torch.manual_seed(0)
-    ds16 = vq.VQConfig.from_name("VQ-tiny", encoder_ch_mult=[1] * 5, decoder_ch_mult=[1] * 5)  # downsample 16
+    ds16 = vq.VQConfig.from_name(
+        "VQ-tiny", encoder_ch_mult=[1] * 5, decoder_ch_mult=[1] * 5
+    )  # downsample 16
     repo = http_server.directory / "peizesun" / "llamagen_t2i" / "resolve" / "main"
     repo.mkdir(parents=True)
-    torch.save({"model": vq.VQModel(ds16).state_dict()}, repo / "vq_ds16_t2i.pt")  # official containers
+    torch.save(
+        {"model": vq.VQModel(ds16).state_dict()}, repo / "vq_ds16_t2i.pt"
+    )  # official containers
     torch.save({"model": tiny_t2i().state_dict()}, repo / "t2i_XL_stage1_256.pt")
     monkeypatch.setenv("HF_ENDPOINT", http_server.url)
     emb, mask = left_padded_captions(B=1, lengths=(9,))
-    torch.save({"emb": emb[:, -20:], "mask": mask[:, -20:]}, tmp_path / "c.pt")  # 20 slots: padded to 120
-    out = sample.main(sample.parse_args(["--caption-features", str(tmp_path / "c.pt"), "--out", str(tmp_path / "r.png")]))
+    torch.save(
+        {"emb": emb[:, -20:], "mask": mask[:, -20:]}, tmp_path / "c.pt"
+    )  # 20 slots: padded to 120
+    out = sample.main(
+        sample.parse_args(
+            ["--caption-features", str(tmp_path / "c.pt"), "--out", str(tmp_path / "r.png")]
+        )
+    )
     assert Image.open(out).size == (260, 260)
-    assert {p for p, _ in http_server.requests} >= {"/peizesun/llamagen_t2i/resolve/main/vq_ds16_t2i.pt",
-                                                   "/peizesun/llamagen_t2i/resolve/main/t2i_XL_stage1_256.pt"}
+    assert {p for p, _ in http_server.requests} >= {
+        "/peizesun/llamagen_t2i/resolve/main/vq_ds16_t2i.pt",
+        "/peizesun/llamagen_t2i/resolve/main/t2i_XL_stage1_256.pt",
+    }
 
 
 def test_sample_py_without_transformers(monkeypatch, capsys, t2i_run, vq_ckpt):
     import sample
+
     monkeypatch.setitem(sys.modules, "transformers", None)
-    argv = ["--gpt-ckpt", str(t2i_run / "checkpoints" / "last.pt"), "--vq-ckpt", str(vq_ckpt), "--prompt", "a cat"]
+    argv = [
+        "--gpt-ckpt",
+        str(t2i_run / "checkpoints" / "last.pt"),
+        "--vq-ckpt",
+        str(vq_ckpt),
+        "--prompt",
+        "a cat",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         data.cli(sample.main, lambda: sample.parse_args(argv))
     assert exit_info.value.code == 2

@@ -3,6 +3,7 @@ exact resume, bad images, and the offline error.
 
     python -m pytest tests/test_train_vq.py -q
 """
+
 import hashlib
 import json
 import math
@@ -26,9 +27,25 @@ def softplus(v):
 
 
 def run_args(toy_folder, results, *extra):
-    return parse_args(["--vq-model", "tiny", "--data-path", str(toy_folder), "--image-size", "32",
-                       "--global-batch-size", "4", "--num-workers", "0", "--results-dir", str(results),
-                       "--log-every", "1", *extra])
+    return parse_args(
+        [
+            "--vq-model",
+            "tiny",
+            "--data-path",
+            str(toy_folder),
+            "--image-size",
+            "32",
+            "--global-batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--results-dir",
+            str(results),
+            "--log-every",
+            "1",
+            *extra,
+        ]
+    )
 
 
 def read_log(run_dir):
@@ -36,6 +53,7 @@ def read_log(run_dir):
 
 
 # ----------------------------------------------------------------------------- LPIPS
+
 
 def test_lpips_zero_for_identical_positive_otherwise_and_differentiable():
     torch.manual_seed(0)
@@ -56,8 +74,15 @@ def test_lpips_zero_for_identical_positive_otherwise_and_differentiable():
 def test_lpips_official_key_layout_loads_strictly():
     lpips = LPIPS(pretrained=False)
     keys = set(lpips.state_dict())
-    assert {"scaling_layer.shift", "scaling_layer.scale", "net.slice1.0.weight", "net.slice2.5.weight",
-            "net.slice3.10.weight", "net.slice4.17.weight", "net.slice5.28.bias"} <= keys
+    assert {
+        "scaling_layer.shift",
+        "scaling_layer.scale",
+        "net.slice1.0.weight",
+        "net.slice2.5.weight",
+        "net.slice3.10.weight",
+        "net.slice4.17.weight",
+        "net.slice5.28.bias",
+    } <= keys
     heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS)}
     assert {k for k in keys if k.startswith("lin")} == set(heads)
     official = {**LPIPS(pretrained=False).state_dict(), **heads}
@@ -68,11 +93,15 @@ def test_lpips_official_key_layout_loads_strictly():
 
 def test_lpips_rejects_wrong_lin_keys(tmp_path):
     lpips = LPIPS(pretrained=False)
-    wrong = {f"lin{k}.model.0.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS)}  # no dropout
+    wrong = {
+        f"lin{k}.model.0.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS)
+    }  # no dropout
     path = data.save_checkpoint(wrong, tmp_path / "vgg.pth")
     with pytest.raises(data.UserError, match="lin0.model.1.weight"):
         lpips.load_lin(data.load_checkpoint(path), path)
-    short = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS[:4])}
+    short = {
+        f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS[:4])
+    }
     with pytest.raises(data.UserError):
         lpips.load_lin(short)
     with pytest.raises(data.UserError, match="VGG16"):
@@ -84,7 +113,10 @@ def test_lpips_download_keeps_only_conv_weights(http_server, monkeypatch):
     vgg = {}
     for i, layer in enumerate(train_vq.vgg16_features()):
         if isinstance(layer, torch.nn.Conv2d):
-            vgg[f"features.{i}.weight"], vgg[f"features.{i}.bias"] = torch.randn(layer.weight.shape), torch.randn(layer.out_channels)
+            vgg[f"features.{i}.weight"], vgg[f"features.{i}.bias"] = (
+                torch.randn(layer.weight.shape),
+                torch.randn(layer.out_channels),
+            )
     vgg["classifier.0.weight"] = torch.randn(8, 8)  # the classifier is dropped
     tmp = data.save_checkpoint(vgg, http_server.directory / "tmp.pth")
     sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
@@ -93,12 +125,22 @@ def test_lpips_download_keeps_only_conv_weights(http_server, monkeypatch):
     heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS)}
     lin_bytes = data.save_checkpoint(heads, http_server.directory / "vgg.pth").read_bytes()
     monkeypatch.setattr(train_vq, "VGG16_URL", f"{http_server.url}/{vgg_name}")
-    monkeypatch.setattr(train_vq, "LIN_WEIGHTS", dict(url=f"{http_server.url}/vgg.pth", filename="lpips_vgg_v0.1.pth",
-                                                      md5=hashlib.md5(lin_bytes).hexdigest(), size=len(lin_bytes)))
+    monkeypatch.setattr(
+        train_vq,
+        "LIN_WEIGHTS",
+        dict(
+            url=f"{http_server.url}/vgg.pth",
+            filename="lpips_vgg_v0.1.pth",
+            md5=hashlib.md5(lin_bytes).hexdigest(),
+            size=len(lin_bytes),
+        ),
+    )
     lpips = LPIPS()
     cache = data.cache_dir()
     assert sorted(p.name for p in cache.iterdir() if p.suffix in (".pt", ".pth")) == [
-        "lpips_vgg_v0.1.pth", train_vq.VGG16_FEATURES_FILE]  # the full VGG file is gone
+        "lpips_vgg_v0.1.pth",
+        train_vq.VGG16_FEATURES_FILE,
+    ]  # the full VGG file is gone
     kept = data.load_checkpoint(cache / train_vq.VGG16_FEATURES_FILE)
     assert set(kept) == {k for k in vgg if k.startswith("features.")} and len(kept) == 26
     assert torch.equal(lpips.net.slice2.get_submodule("5").weight, vgg["features.5.weight"])
@@ -107,13 +149,16 @@ def test_lpips_download_keeps_only_conv_weights(http_server, monkeypatch):
     LPIPS()  # cached: no new request
     assert len(http_server.requests) == n
 
-    (cache / train_vq.VGG16_FEATURES_FILE).unlink()  # a VGG file whose sha256 does not match its name
+    (
+        cache / train_vq.VGG16_FEATURES_FILE
+    ).unlink()  # a VGG file whose sha256 does not match its name
     (http_server.directory / vgg_name).write_bytes(b"not the weights")
     with pytest.raises(data.UserError, match="sha256"):
         LPIPS()
 
 
 # ----------------------------------------------------------------------------- PatchGAN and GAN losses
+
 
 def test_patchgan_shapes_params_and_init():
     torch.manual_seed(0)
@@ -132,37 +177,73 @@ def test_gan_losses_closed_form():
     assert train_vq.DISC_LOSSES["hinge"](real, fake).item() == pytest.approx(0.5 * (0.75 + 0.75))
     sp_real = (softplus(-2.0) + softplus(0.5)) / 2  # mean softplus(-real)
     sp_fake = (softplus(0.5) + softplus(-3.0)) / 2  # mean softplus(fake)
-    assert train_vq.DISC_LOSSES["vanilla"](real, fake).item() == pytest.approx(0.5 * (sp_real + sp_fake), rel=1e-6)
-    assert train_vq.DISC_LOSSES["non-saturating"](real, fake).item() == pytest.approx(sp_real + sp_fake, rel=1e-6)
+    assert train_vq.DISC_LOSSES["vanilla"](real, fake).item() == pytest.approx(
+        0.5 * (sp_real + sp_fake), rel=1e-6
+    )
+    assert train_vq.DISC_LOSSES["non-saturating"](real, fake).item() == pytest.approx(
+        sp_real + sp_fake, rel=1e-6
+    )
     assert train_vq.GEN_LOSSES["hinge"](fake).item() == pytest.approx(1.25)
     assert train_vq.GEN_LOSSES["non-saturating"](fake).item() == pytest.approx(
-        (softplus(-0.5) + softplus(3.0)) / 2, rel=1e-6)
+        (softplus(-0.5) + softplus(3.0)) / 2, rel=1e-6
+    )
 
 
 def test_adaptive_weight_ratio_and_clamp():
     w = torch.ones(3, requires_grad=True)
     nll, g = (3 * w).sum(), (w * 0.5).sum()  # gradients 3 and 0.5 per element
-    assert train_vq.adaptive_weight(nll, g, w).item() == pytest.approx(3 / (0.5 + 1e-4 / 3 ** 0.5), rel=1e-5)
+    assert train_vq.adaptive_weight(nll, g, w).item() == pytest.approx(
+        3 / (0.5 + 1e-4 / 3**0.5), rel=1e-5
+    )
     assert train_vq.adaptive_weight(nll, 0 * w.sum(), w).item() == 1e4
 
 
 # ----------------------------------------------------------------------------- training runs
 
+
 def test_few_step_run_writes_checkpoint_log_grid(toy_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_vq, "LPIPS", partial(LPIPS, pretrained=False))  # perceptual term on, no download
-    run_dir = main(run_args(toy_folder, tmp_path, "--max-steps", "3", "--disc-start", "2", "--ema",
-                            "--disc-adaptive-weight", "--sample-every", "2", "--ckpt-every", "2"))
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000002.pt", "0000003.pt", "last.pt"]
+    monkeypatch.setattr(
+        train_vq, "LPIPS", partial(LPIPS, pretrained=False)
+    )  # perceptual term on, no download
+    run_dir = main(
+        run_args(
+            toy_folder,
+            tmp_path,
+            "--max-steps",
+            "3",
+            "--disc-start",
+            "2",
+            "--ema",
+            "--disc-adaptive-weight",
+            "--sample-every",
+            "2",
+            "--ckpt-every",
+            "2",
+        )
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "0000002.pt",
+        "0000003.pt",
+        "last.pt",
+    ]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["0000002.png", "0000003.png"]
     log = read_log(run_dir)
     assert [r["step"] for r in log] == [1, 2, 3]
     assert log[0]["gen_adv_loss"] == 0 and log[0]["disc_loss"] == 0  # before --disc-start
-    assert log[2]["disc_loss"] > 0 and log[2]["adaptive_weight"] != 1 and log[2]["perceptual_loss"] > 0
+    assert (
+        log[2]["disc_loss"] > 0 and log[2]["adaptive_weight"] != 1 and log[2]["perceptual_loss"] > 0
+    )
     assert 0 < log[2]["codebook_usage"] <= 1 and log[2]["bad_images"] == 0
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["step"] == 3 and ckpt["config"]["codebook_size"] == 1024 and ckpt["args"]["image_size"] == 32
+    assert (
+        ckpt["step"] == 3
+        and ckpt["config"]["codebook_size"] == 1024
+        and ckpt["args"]["image_size"] == 32
+    )
     model = VQModel.from_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())  # prefers the EMA
+    assert all(
+        torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items()
+    )  # prefers the EMA
     assert model.encode(torch.zeros(1, 3, 32, 32))[2].shape == (16,)
 
 
@@ -179,8 +260,17 @@ def test_resume_matches_uninterrupted_run(toy_folder, tmp_path):
     common = ("--disc-start", "1", "--ema", "--perceptual-weight", "0", "--sample-every", "0")
     straight = main(run_args(toy_folder, tmp_path / "a", "--max-steps", "4", *common))
     first = main(run_args(toy_folder, tmp_path / "b", "--max-steps", "2", *common))
-    resumed = main(run_args(toy_folder, tmp_path / "b", "--max-steps", "4", *common,
-                            "--resume", str(first / "checkpoints" / "last.pt")))
+    resumed = main(
+        run_args(
+            toy_folder,
+            tmp_path / "b",
+            "--max-steps",
+            "4",
+            *common,
+            "--resume",
+            str(first / "checkpoints" / "last.pt"),
+        )
+    )
     assert resumed == first  # continues in the same run directory
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
@@ -193,7 +283,9 @@ def test_resume_matches_uninterrupted_run(toy_folder, tmp_path):
     mid = torch.load(first / "checkpoints" / "0000002.pt", weights_only=True)
     for net, key in (("discriminator", "main.0.weight"), ("model", "decoder.conv_out.weight")):
         assert not torch.equal(mid[net][key], b[net][key])  # both nets did train after the resume
-    losses = lambda log: [(r["step"], r["gen_loss"], r["disc_loss"], r["codebook_usage"]) for r in log]
+    losses = lambda log: [
+        (r["step"], r["gen_loss"], r["disc_loss"], r["codebook_usage"]) for r in log
+    ]
     assert losses(read_log(resumed)) == losses(read_log(straight))
 
 
@@ -203,7 +295,9 @@ def test_bad_images_are_dropped_and_counted(toy_folder, tmp_path):
     for src in sorted(toy_folder.rglob("*.png"))[:3]:
         shutil.copy(src, folder / src.name)
     (folder / "broken.png").write_bytes(b"not a png")
-    args = run_args(tmp_path / "imgs", tmp_path / "r", "--max-steps", "1", "--perceptual-weight", "0")
+    args = run_args(
+        tmp_path / "imgs", tmp_path / "r", "--max-steps", "1", "--perceptual-weight", "0"
+    )
     with pytest.raises(data.UserError, match="broken.png"):
         main(args)
     args.skip_bad_images = True
@@ -215,6 +309,10 @@ def test_offline_without_cached_lpips_stops_before_first_step(toy_folder, tmp_pa
     with pytest.raises(data.UserError) as e:
         main(run_args(toy_folder, tmp_path / "results", "--max-steps", "1"))
     msg = str(e.value)
-    assert "--perceptual-weight 0" in msg and "vgg16-397923af.pth" in msg and "lpips_vgg_v0.1.pth" in msg
+    assert (
+        "--perceptual-weight 0" in msg
+        and "vgg16-397923af.pth" in msg
+        and "lpips_vgg_v0.1.pth" in msg
+    )
     assert str(data.cache_dir()) in msg and "\n" not in msg
     assert not (tmp_path / "results").exists()  # nothing written: no step was taken

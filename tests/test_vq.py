@@ -3,6 +3,7 @@ checkpoint loading, PIL helpers, and the official reference outputs.
 
     python -m pytest tests/test_vq.py -q
 """
+
 import subprocess
 import sys
 from dataclasses import asdict
@@ -37,6 +38,7 @@ def read_manifest(path: Path):
 
 # ----------------------------------------------------------------------------- config and keys
 
+
 def test_preset_names():
     assert VQConfig.from_name("16") == VQConfig.from_name("VQ-16") == VQConfig()
     assert VQConfig.from_name("tiny").downsample == 8 and VQConfig.from_name("VQ-8").downsample == 8
@@ -60,7 +62,9 @@ def test_official_manifest(name, manifest):
 
 
 def test_parameter_counts():
-    counts = {name: sum(p.numel() for p in meta_model(name).parameters()) for name in ("VQ-16", "VQ-8")}
+    counts = {
+        name: sum(p.numel() for p in meta_model(name).parameters()) for name in ("VQ-16", "VQ-8")
+    }
     assert counts == {"VQ-16": 71_883_403, "VQ-8": 70_109_835}
     m16 = meta_model("VQ-16")  # encoder / decoder split from the spec (a.9)
     assert sum(p.numel() for p in m16.encoder.parameters()) == 29_298_176
@@ -69,13 +73,18 @@ def test_parameter_counts():
 
 # ----------------------------------------------------------------------------- shapes
 
+
 @pytest.mark.parametrize("name", list(VQ_CONFIGS))
 @pytest.mark.parametrize("size", [256, 384, 512])
 def test_shapes_meta(name, size):
     model, ds = meta_model(name).eval(), VQConfig.from_name(name).downsample
     quant, losses, indices = model.encode(torch.empty(2, 3, size, size, device="meta"))
     h = size // ds
-    assert quant.shape == (2, 8, h, h) and indices.shape == (2 * h * h,) and indices.dtype == torch.long
+    assert (
+        quant.shape == (2, 8, h, h)
+        and indices.shape == (2 * h * h,)
+        and indices.dtype == torch.long
+    )
     assert losses == (None, None, None, None)  # eval: no losses
     assert model.decode(quant).shape == (2, 3, size, size)
 
@@ -106,8 +115,11 @@ def test_non_square_and_raster_order(tiny):
 
 
 def test_bad_inputs(tiny):
-    with pytest.raises(ValueError, match="image size 250x250 is not a multiple of the VQ-16 downsampling "
-                                         "factor 16; resize or crop to e.g. 256"):
+    with pytest.raises(
+        ValueError,
+        match="image size 250x250 is not a multiple of the VQ-16 downsampling "
+        "factor 16; resize or crop to e.g. 256",
+    ):
         meta_model("VQ-16").encode(torch.empty(1, 3, 250, 250, device="meta"))
     with pytest.raises(ValueError, match="shape \\(B, 3, H, W\\)"):
         tiny.encode(torch.zeros(1, 4, 32, 32))
@@ -119,12 +131,15 @@ def test_bad_inputs(tiny):
 
 # ----------------------------------------------------------------------------- training behaviour
 
+
 def test_straight_through_gradients(tiny, monkeypatch):
     monkeypatch.setattr("vq.entropy_loss_fn", lambda *a: pytest.fail("entropy computed at ratio 0"))
     tiny.train()
     rec, (vq_loss, commit_loss, entropy_loss, usage) = tiny(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert entropy_loss.item() == 0.0  # entropy_loss_ratio 0: skipped
-    rec.pow(2).mean().backward(retain_graph=True)  # reconstruction alone reaches the encoder via the STE
+    rec.pow(2).mean().backward(
+        retain_graph=True
+    )  # reconstruction alone reaches the encoder via the STE
     assert tiny.encoder.conv_in.weight.grad.abs().sum() > 0
     assert tiny.quantize.embedding.weight.grad is None  # ... but not the codebook
     (vq_loss + commit_loss).backward()
@@ -162,19 +177,29 @@ def test_codebook_usage():
 
 # ----------------------------------------------------------------------------- checkpoints and PIL
 
+
 def test_checkpoint_round_trip(tiny, tmp_path):
     torch.manual_seed(1)
     ema = VQModel(tiny.config)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
-    ours = {"model": tiny.state_dict(), "ema": ema.state_dict(), "config": asdict(tiny.config), "step": 3}
+    ours = {
+        "model": tiny.state_dict(),
+        "ema": ema.state_dict(),
+        "config": asdict(tiny.config),
+        "step": 3,
+    }
     torch.save(ours, tmp_path / "ours.pt")
     torch.save({"model": tiny.state_dict()}, tmp_path / "official.pt")
     with torch.no_grad():
         want_model, want_ema = tiny.eval()(x)[0], ema.eval()(x)[0]
         loaded = VQModel.from_checkpoint(tmp_path / "ours.pt")
         assert not loaded.training and torch.equal(loaded(x)[0], want_ema)  # ema preferred
-        assert torch.equal(VQModel.from_checkpoint(str(tmp_path / "ours.pt"), prefer_ema=False)(x)[0], want_model)
-        official = VQModel.from_checkpoint(tmp_path / "official.pt")  # config inferred from keys/shapes
+        assert torch.equal(
+            VQModel.from_checkpoint(str(tmp_path / "ours.pt"), prefer_ema=False)(x)[0], want_model
+        )
+        official = VQModel.from_checkpoint(
+            tmp_path / "official.pt"
+        )  # config inferred from keys/shapes
         assert official.config == tiny.config and torch.equal(official(x)[0], want_model)
 
 
@@ -207,15 +232,31 @@ def test_pil_helpers(tiny):
     out = tiny.codes_to_images(codes, grid=(4, 8))
     assert [im.size for im in out] == [(64, 32)] * 2 and out[0].mode == "RGB"
     x = torch.tensor([[[255, 0, 0]]], dtype=torch.float32).permute(2, 0, 1) / 127.5 - 1
-    assert torch.equal(tiny.images_to_codes(images[:1]), tiny.encode(x.expand(1, 3, 32, 64))[2].view(1, -1))
+    assert torch.equal(
+        tiny.images_to_codes(images[:1]), tiny.encode(x.expand(1, 3, 32, 64))[2].view(1, -1)
+    )
 
 
 # ----------------------------------------------------------------------------- official reference outputs
 
-@pytest.mark.skipif(not (REFERENCE / "check.py").exists(), reason="shared/spec/reference not present")
+
+@pytest.mark.skipif(
+    not (REFERENCE / "check.py").exists(), reason="shared/spec/reference not present"
+)
 def test_official_reference_outputs(tmp_path):
-    (tmp_path / "vq.py").symlink_to(ROOT / "vq.py")  # only vq.py on the path: the gpt part fails fast
-    out = subprocess.run([sys.executable, str(REFERENCE / "check.py")], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300).stdout
-    lines = [line for line in out.splitlines() if line.split()[1:2] and line.split()[1] in ("vq", "check_vq")]
+    (tmp_path / "vq.py").symlink_to(
+        ROOT / "vq.py"
+    )  # only vq.py on the path: the gpt part fails fast
+    out = subprocess.run(
+        [sys.executable, str(REFERENCE / "check.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    lines = [
+        line
+        for line in out.splitlines()
+        if line.split()[1:2] and line.split()[1] in ("vq", "check_vq")
+    ]
     assert len(lines) == 7 and all(line.startswith("PASS") for line in lines), out
