@@ -1,23 +1,19 @@
-"""Bytes in and out, plus the small runtime every script shares.
+"""Images and token codes: what turns files on disk into tensors for the trainers.
 
-Images: class-per-folder datasets (ImageNet, tiny-ImageNet, your own), ADM-style crops, a toy
-dataset generator, PNG grids. Runtime: downloads into one cache, distributed init, atomic
-checkpoints, EMA, autocast, RNG state, JSON-lines logs, one-line user errors.
+Images: class-per-folder datasets (ImageNet, tiny-ImageNet, your own), the ADM crops, a toy data
+generator, PNG grids. Codes: a frozen tokenizer turns an image folder into token grids once (paper
+Sec. 3.1 trains the GPT on pre-extracted codes), and CodeDataset serves them to train_gpt.py.
 
-    python data.py toy data/toy --num-classes 4 --per-class 64 --size 64   # make a toy image folder
-    python data.py extract --vq-ckpt vq.pt --data-path data/toy --code-path data/toy-codes --image-size 64
-    torchrun --nproc_per_node=8 data.py extract --vq-ckpt vq_ds16_c2i.pt --data-path imagenet/train
-        --code-path codes/in256-tencrop --image-size 256 --ten-crop --crop-range 1.1   # (one line); then 1.05
+    python data.py toy data/toy --num-classes 4 --per-class 64 --size 64   # a toy image folder
+    python data.py extract --vq-ckpt vq.pt --data-path data/toy --code-path data/toy-codes \\
+        --image-size 64
+    torchrun --nproc_per_node=8 data.py extract --vq-ckpt vq_ds16_c2i.pt --data-path imagenet/train \\
+        --code-path codes/in256-tencrop --image-size 256 --ten-crop --crop-range 1.1   # then 1.05
 """
 
-import contextlib
-import hashlib
-import json
 import math
-import os
 import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,354 +21,35 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from common import UserError, print0, setup, write_json
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-BAD_LABEL = -1  # label returned for an unreadable image when skip_bad=True; trainers drop such rows
-
-
-class UserError(RuntimeError):
-    """A mistake the user can fix; `cli` prints it as one line instead of a traceback."""
-
-
-def cli(main, parse_args):
-    """Run `main(parse_args())`; a UserError becomes `error: ...` on stderr and exit status 2."""
-    try:
-        return main(parse_args())
-    except UserError as e:
-        # DataLoader workers re-raise with the worker traceback in the message: keep its last line.
-        lines = [line for line in str(e).strip().splitlines() if line.strip()] or ["unknown error"]
-        msg = lines[-1].split("UserError: ", 1)[-1]
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-
+BAD_LABEL = -1  # label of an unreadable image when skip_bad is set; trainers drop such rows
+STORE_FILES = ("codes", "labels", "done")  # the .npy memmaps of a code store (see below)
 
 # ----------------------------------------------------------------------------------------------
-# Downloads: one cache directory, resumable, atomic, verified
+# Images: decoding, the ADM crops, grids
 
 
-def cache_dir() -> Path:
-    """Where downloads live: $LLAMAGEN_CACHE, else ~/.cache/llamagen."""
-    return Path(os.environ.get("LLAMAGEN_CACHE", Path.home() / ".cache" / "llamagen")).expanduser()
-
-
-def hf_url(repo: str, filename: str) -> str:
-    """URL of a file in a Hugging Face repo; $HF_ENDPOINT overrides the host, as in huggingface_hub."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/{repo}/resolve/main/{filename}"
-
-
-def file_digest(path, algo="sha256") -> str:
-    """Hex digest of a file, read in 1 MB blocks."""
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _server_sha256(response):
-    """The Hub sends the LFS sha256 as (X-Linked-)ETag on the redirect; use it when it looks like one."""
-    for r in [*response.history, response]:
-        for key in ("X-Linked-Etag", "ETag"):
-            tag = r.headers.get(key, "").strip('"').removeprefix("W/").strip('"')
-            if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag.lower()):
-                return tag.lower()
-    return None
-
-
-def download(
-    url, filename=None, sha256=None, md5=None, size=None, desc=None, cache=None, retries=3
-) -> Path:
-    """Return the cached path of `url`, downloading it first if needed (resumes a partial `.part`)."""
-    import requests
-    from tqdm import tqdm
-
-    dest = Path(cache or cache_dir()) / (filename or url.split("?")[0].rstrip("/").split("/")[-1])
-    meta_path = dest.with_name(dest.name + ".json")  # size and sha256 recorded after verification
-    if dest.exists():
-        known = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        want = size or known.get("size")
-        if want is None or dest.stat().st_size == want:
-            return dest
-        print(
-            f"cached {dest} has the wrong size ({dest.stat().st_size} != {want}); downloading again"
-        )
-        dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    hint = (
-        f"download it by hand from {url} and put it at {dest} "
-        f"(the cache directory is set by LLAMAGEN_CACHE)"
-    )
-    server_sha = None
-    for attempt in range(retries):
-        offset = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        try:
-            r = requests.get(url, stream=True, timeout=30, headers=headers, allow_redirects=True)
-        except requests.RequestException as e:
-            raise UserError(f"cannot reach {url} ({type(e).__name__}); {hint}") from None
-        with r:
-            if r.status_code == 416:  # nothing left to fetch: the .part is already complete
-                break
-            if r.status_code not in (200, 206):
-                raise UserError(f"downloading {url} failed with HTTP {r.status_code}; {hint}")
-            if r.status_code == 200:
-                offset = 0  # the server ignored our Range header: start over
-            server_sha = _server_sha256(r) or server_sha
-            length = r.headers.get("Content-Length")
-            total = offset + int(length) if length is not None else size
-            try:
-                with (
-                    open(part, "ab" if offset else "wb") as f,
-                    tqdm(
-                        total=total,
-                        initial=offset,
-                        unit="B",
-                        unit_scale=True,
-                        unit_divisor=1024,
-                        desc=desc or dest.name,
-                        disable=None,
-                    ) as bar,
-                ):
-                    for chunk in r.iter_content(chunk_size=1 << 16):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            except (requests.RequestException, OSError) as e:
-                if attempt == retries - 1:
-                    raise UserError(
-                        f"download of {url} was interrupted ({type(e).__name__}); "
-                        f"run again to resume from {part}"
-                    ) from None
-                print(f"download interrupted ({type(e).__name__}); resuming")
-                continue
-            if total is not None and part.stat().st_size < total:
-                if attempt == retries - 1:
-                    raise UserError(
-                        f"download of {url} ended early; run again to resume from {part}"
-                    )
-                continue
-            break
-    got_size = part.stat().st_size
-    checks = [
-        ("size", size, lambda: got_size),
-        ("sha256", sha256 or server_sha, lambda: file_digest(part, "sha256")),
-        ("md5", md5, lambda: file_digest(part, "md5")),
-    ]
-    for name, want, compute in checks:
-        if want is not None and compute() != want:
-            part.unlink()
-            raise UserError(
-                f"{name} check failed for {url} (expected {want}); the corrupt file was "
-                f"removed, run again or {hint}"
-            )
-    os.replace(part, dest)
-    meta_path.write_text(json.dumps({"url": url, "size": got_size, "sha256": sha256 or server_sha}))
-    return dest
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed, precision, RNG, EMA
-
-
-@dataclass
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    distributed: bool
-
-
-def init_dist() -> Dist:
-    """DDP iff launched by torchrun (RANK set): nccl on GPUs, gloo on the CPU; else one process."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return Dist(0, 1, 0, torch.device("cuda" if cuda else "cpu"), False)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, True)
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print0(*args, **kwargs):
-    """print() on rank 0 only."""
-    if is_main():
-        print(*args, **kwargs)
-
-
-def autocast_ctx(device, precision: str):
-    """Mixed-precision context for the forward pass: bf16 anywhere, fp16 on GPUs, fp32 = nothing."""
-    device_type = torch.device(device).type
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device_type != "cuda":
-        raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    if precision not in ("bf16", "fp16"):
-        raise UserError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
-    return torch.autocast(
-        device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16
-    )
-
-
-def get_rng_state() -> dict:
-    """Python, numpy and torch RNG states as plain types (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    """Inverse of get_rng_state."""
-    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@torch.no_grad()
-def update_ema(ema_model, model, decay: float = 0.9999):
-    """ema = decay * ema + (1 - decay) * param for parameters; buffers are copied."""
-    strip = lambda n: n.replace("_orig_mod.", "").replace("module.", "")  # compile / DDP prefixes
-    params = {strip(n): p for n, p in model.named_parameters()}
-    for name, ema_p in ema_model.named_parameters():
-        ema_p.mul_(decay).add_(params[strip(name)].detach().to(ema_p.dtype), alpha=1 - decay)
-    buffers = {strip(n): b for n, b in model.named_buffers()}
-    for name, ema_b in ema_model.named_buffers():
-        ema_b.copy_(buffers[strip(name)])
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and logs
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode="wb"):
-    """Write to a temporary file beside `path`, renamed over it only when the block completes:
-    a crash never leaves a half-written file, and never spoils the previous version."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(obj, path):
-    """torch.save, atomically."""
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-    return Path(path)
-
-
-def load_checkpoint(path, mmap=True) -> dict:
-    """torch.load(weights_only=True) onto the CPU, with one-line errors for missing or bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RuntimeError as e:
-        if mmap and "mmap" in str(
-            e
-        ):  # files in the legacy (pre-zip) format cannot be memory-mapped
-            return load_checkpoint(path, mmap=False)
-        raise UserError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-            f"{str(e).splitlines()[0]}"
-        ) from None
-    except Exception as e:  # pickle.UnpicklingError for non-plain objects, EOFError, ...
-        raise UserError(
-            f"cannot load {path} with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-
-
-def load_tokenizer(path, device="cpu"):
-    """A VQ tokenizer checkpoint (official or ours) in fp32 eval mode, with one-line errors."""
-    from vq import VQModel
-
-    try:
-        return VQModel.from_checkpoint(load_checkpoint(path)).to(device).float().eval()
-    except ValueError as e:  # wrong kind of file, keys or shapes: the loader says which
-        raise UserError(f"cannot load the tokenizer {path}: {str(e).splitlines()[0]}") from None
-
-
-def make_results_dir(root, name) -> Path:
-    """root/{idx:03d}-{name} as in DiT; rank 0 picks the index and tells the others."""
-    root = Path(root)
-    out = [None]
-    if is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        out[0] = str(root / f"{len(list(root.glob('[0-9][0-9][0-9]-*'))):03d}-{name}")
-        Path(out[0]).mkdir(parents=True)
-    if dist.is_initialized():
-        dist.broadcast_object_list(out, src=0)
-    return Path(out[0])
-
-
-class JsonlLogger:
-    """Appends one JSON object per line (rank 0 only)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def log(self, record: dict):
-        if is_main():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# Images: decoding, ADM crops, grids
-
-
-def load_image(path) -> Image.Image:
-    """Open an image as RGB; a corrupt or unreadable file raises a UserError naming it."""
+def load_image(path, skip_bad: bool = False):
+    """Open an image as RGB; an unreadable file raises a UserError naming it, or with skip_bad
+    gives None (and a warning on stderr)."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if skip_bad:
+            print(f"skipping unreadable image {path}", file=sys.stderr)
+            return None
         raise UserError(
-            f"cannot read image {path} ({type(e).__name__}: {e}); "
-            f"delete or replace it (the trainers and extractors also take --skip-bad-images)"
+            f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace it "
+            "(the trainers and extractors also take --skip-bad-images)"
         ) from None
-
-
-def load_image_or_skip(path, skip_bad: bool):
-    """load_image, but an unreadable file gives None (and a warning) when skip_bad is set."""
-    try:
-        return load_image(path)
-    except UserError:
-        if not skip_bad:
-            raise
-        print(f"skipping unreadable image {path}", file=sys.stderr)
-        return None
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return x.float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -381,21 +58,18 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def save_image_grid(x: torch.Tensor, path, nrow=None, pad=2) -> Path:
-    """Save (B, 3, H, W) images in [-1, 1] as one PNG grid with `nrow` images per row."""
+    """Save (B, 3, H, W) images in [-1, 1] as one PNG grid, `nrow` images per row, white gaps."""
     imgs = to_uint8(x).numpy()  # (B, H, W, 3)
     b, h, w, _ = imgs.shape
     nrow = nrow or math.ceil(math.sqrt(b))
     rows = math.ceil(b / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(imgs):
-        r, c = divmod(i, nrow)
-        grid[
-            pad + r * (h + pad) : pad + r * (h + pad) + h,
-            pad + c * (w + pad) : pad + c * (w + pad) + w,
-        ] = img
+    cells = np.full((rows * nrow, h + pad, w + pad, 3), 255, np.uint8)  # image + gap above/left
+    cells[:b, pad:, pad:] = imgs
+    grid = cells.reshape(rows, nrow, h + pad, w + pad, 3).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(rows * (h + pad), nrow * (w + pad), 3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    Image.fromarray(np.pad(grid, ((0, pad), (0, pad), (0, 0)), constant_values=255)).save(path)
     return path
 
 
@@ -414,9 +88,10 @@ def center_crop_arr(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def random_crop_arr(img: Image.Image, size: int, min_crop_frac=0.8, max_crop_frac=1.0, rng=random):
-    """ADM random crop: short side to a random length in [size/max_frac, size/min_frac], random crop."""
-    short = rng.randrange(math.ceil(size / max_crop_frac), math.ceil(size / min_crop_frac) + 1)
+def random_crop_arr(img: Image.Image, size: int, min_frac=0.8, max_frac=1.0, rng=random):
+    """ADM random crop: short side to a random length in [size/max_frac, size/min_frac], then a
+    random size x size window (the official tokenizer training augmentation)."""
+    short = rng.randrange(math.ceil(size / max_frac), math.ceil(size / min_frac) + 1)
     img = _resize_short_side(img, short)
     left, top = rng.randrange(img.width - size + 1), rng.randrange(img.height - size + 1)
     return img.crop((left, top, left + size, top + size))
@@ -428,17 +103,18 @@ def random_crop_arr(img: Image.Image, size: int, min_crop_frac=0.8, max_crop_fra
 
 def list_images(folder):
     """Every image file below `folder`, sorted, recursive."""
-    return sorted(
-        p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    files = Path(folder).rglob("*")
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 class ImageFolder(torch.utils.data.Dataset):
     """Images under root/<class>/**; class index = position of the folder name in sorted order.
 
-    Also reads tiny-ImageNet's val/ layout (images/ + val_annotations.txt). augment="random" is the
-    ADM random crop + horizontal flip used for tokenizer training, "center" the ADM center crop.
-    Augmentation draws from a RNG seeded by (seed, epoch, index), so a resumed run sees the same crops.
+    Also reads tiny-ImageNet's val/ layout (images/ + val_annotations.txt) and a flat folder (one
+    class). augment="random" is the ADM random crop + horizontal flip of tokenizer training,
+    "center" the ADM center crop, None the image as it is. Training keys are (epoch, i) pairs
+    (common.TrainSampler): the augmentation is seeded by (seed, epoch, i), so a resumed run sees
+    the same crops in any DataLoader worker.
     """
 
     def __init__(self, root, image_size=None, augment="center", skip_bad=False, seed=0):
@@ -447,19 +123,14 @@ class ImageFolder(torch.utils.data.Dataset):
             raise UserError(f"image folder not found: {root}")
         annotations = root / "val_annotations.txt"
         if annotations.is_file():  # tiny-ImageNet val: one flat images/ folder + a label file
-            pairs = [
-                line.split("\t")[:2]
-                for line in annotations.read_text().splitlines()
-                if line.strip()
-            ]
+            pairs = [line.split("\t")[:2] for line in annotations.read_text().splitlines() if line]
             wnids = root.parent / "wnids.txt"
-            self.classes = sorted(
-                wnids.read_text().split() if wnids.is_file() else {c for _, c in pairs}
-            )
+            names = wnids.read_text().split() if wnids.is_file() else {c for _, c in pairs}
+            self.classes = sorted(names)
             index = {c: i for i, c in enumerate(self.classes)}
             self.samples = sorted((root / "images" / f, index[c]) for f, c in pairs)
         else:
-            self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+            self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
             self.samples = [
                 (p, i) for i, c in enumerate(self.classes) for p in list_images(root / c)
             ]
@@ -467,25 +138,25 @@ class ImageFolder(torch.utils.data.Dataset):
                 self.classes, self.samples = [root.name], [(p, 0) for p in list_images(root)]
         if not self.samples:
             raise UserError(f"no images found under {root} (expected root/<class>/<image>.png|jpg)")
-        if augment not in ("random", "center", None):
-            raise ValueError(f"augment must be 'random', 'center' or None, not {augment!r}")
-        self.root, self.image_size, self.augment = root, image_size, augment
-        self.skip_bad, self.seed, self.epoch = skip_bad, seed, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+        self.image_size, self.augment, self.skip_bad, self.seed = (
+            image_size,
+            augment,
+            skip_bad,
+            seed,
+        )
 
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, i):
-        """-> (image (3, S, S) in [-1, 1], label); label BAD_LABEL for an unreadable file if skip_bad."""
+    def __getitem__(self, key):
+        """(epoch, i) or i -> (image (3, S, S) in [-1, 1], label); BAD_LABEL if unreadable."""
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[i]
-        img = load_image_or_skip(path, self.skip_bad)
+        img = load_image(path, self.skip_bad)
         if img is None:
             return torch.zeros(3, self.image_size, self.image_size), BAD_LABEL
         if self.augment == "random":
-            rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
+            rng = random.Random(f"{self.seed}-{epoch}-{i}")
             img = random_crop_arr(img, self.image_size, rng=rng)
             if rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -494,63 +165,52 @@ class ImageFolder(torch.utils.data.Dataset):
         return pil_to_tensor(img), label
 
 
+TOY_CLASSES = [  # (name, colour) of each procedural class; past 8 the shapes repeat, darker
+    ("red-disc", (220, 40, 40)),
+    ("green-stripes", (40, 200, 60)),
+    ("blue-checker", (50, 80, 230)),
+    ("yellow-ring", (240, 220, 40)),
+    ("magenta-square", (220, 50, 220)),
+    ("cyan-cross", (40, 220, 230)),
+    ("orange-diagonal", (250, 140, 20)),
+    ("white-dots", (240, 240, 240)),
+]
+
+
 def make_toy_dataset(root, num_classes=4, per_class=32, size=64, seed=0) -> Path:
     """Write procedural images to root/<class>/NNNN.png; each class has its own shape and colour.
 
     Small enough for a tiny tokenizer and GPT to learn on a CPU in minutes, and different enough
     that a grid of samples shows at a glance whether the class condition works.
     """
-    names = [
-        "red-disc",
-        "green-stripes",
-        "blue-checker",
-        "yellow-ring",
-        "magenta-square",
-        "cyan-cross",
-        "orange-diagonal",
-        "white-dots",
-    ]
-    colours = [
-        (220, 40, 40),
-        (40, 200, 60),
-        (50, 80, 230),
-        (240, 220, 40),
-        (220, 50, 220),
-        (40, 220, 230),
-        (250, 140, 20),
-        (240, 240, 240),
-    ]
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size  # (S, S) coordinates in [0, 1)
-    root = Path(root)
     for k in range(num_classes):
-        shape, colour = (
-            k % len(names),
-            np.array(colours[k % len(colours)]) * (1 - 0.25 * (k // len(names))),
-        )
-        folder = root / f"{k:03d}-{names[shape]}"
+        shape = k % len(TOY_CLASSES)
+        name, colour = TOY_CLASSES[shape]
+        colour = np.array(colour) * (1 - 0.25 * (k // len(TOY_CLASSES)))
+        folder = Path(root) / f"{k:03d}-{name}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             cx, cy = rng.uniform(0.3, 0.7, 2)
             r, phase, freq = rng.uniform(0.15, 0.3), rng.uniform(0, 1), rng.uniform(3, 5)
+            dist_c = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)  # distance to the centre
+            square = lambda half: (np.abs(xx - cx) < half) & (np.abs(yy - cy) < half)
             masks = [
-                (xx - cx) ** 2 + (yy - cy) ** 2 < r**2,  # disc
+                dist_c < r,  # disc
                 np.sin(2 * np.pi * (freq * yy + phase)) > 0,  # horizontal stripes
-                ((xx * freq + phase).astype(int) + (yy * freq).astype(int)) % 2
-                == 0,  # checkerboard
-                np.abs(np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) - r) < 0.06,  # ring
-                (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r),  # square
+                ((xx * freq + phase).astype(int) + (yy * freq).astype(int)) % 2 == 0,  # checker
+                np.abs(dist_c - r) < 0.06,  # ring
+                square(r),  # square
                 (np.abs(xx - cx) < r / 3) | (np.abs(yy - cy) < r / 3),  # cross
                 np.sin(2 * np.pi * (freq * (xx + yy) / 2 + phase)) > 0,  # diagonal stripes
-                (np.sin(2 * np.pi * freq * xx) * np.sin(2 * np.pi * freq * yy)) > 0.5,
-            ]  # dots
+                (np.sin(2 * np.pi * freq * xx) * np.sin(2 * np.pi * freq * yy)) > 0.5,  # dots
+            ]
             background = rng.uniform(10, 60, 3)
             img = np.where(masks[shape][..., None], colour * rng.uniform(0.8, 1.0), background)
-            img = img + rng.normal(
-                0, 6, img.shape
-            )  # a little texture so no two images are identical
+            img = img + rng.normal(0, 6, img.shape)  # a little texture: no two images are equal
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
-    return root
+    return Path(root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,164 +218,142 @@ def make_toy_dataset(root, num_classes=4, per_class=32, size=64, seed=0) -> Path
 #
 # code_path/ holds codes.npy (N, n_aug, h*w) uint16 (int32 past 65536 codes), labels.npy (N,) int64
 # (BAD_LABEL for unreadable images), done.npy (N,) bool (what a resumed run skips) and meta.json.
-# N is the image folder's length; row i is ImageFolder sample i. All three are .npy memmaps that
-# every rank writes in place, so under torchrun keep code_path on the node's own disk (or a
-# filesystem with coherent shared mmap); a rerun skips rows already marked done.
+# Row i is ImageFolder sample i. All three are .npy memmaps that every rank writes in place, so
+# under torchrun keep code_path on the node's own disk (or a filesystem with coherent shared mmap).
 
 
-def ten_crop(img: Image.Image, size: int, crop_range: float = 1.1) -> list:
-    """Official --ten-crop: ADM centre crop to int(size * crop_range), then torchvision TenCrop(size)."""
-    img = center_crop_arr(img, int(size * crop_range))
-    crops = []
-    for im in (
-        img,
-        img.transpose(Image.FLIP_LEFT_RIGHT),
-    ):  # TenCrop = FiveCrop(img) + FiveCrop(flip(img))
-        w, h = im.size
-        cx, cy = (
-            int(round((w - size) / 2.0)),
-            int(round((h - size) / 2.0)),
-        )  # torchvision center_crop
-        for left, top in ((0, 0), (w - size, 0), (0, h - size), (w - size, h - size), (cx, cy)):
-            crops.append(im.crop((left, top, left + size, top + size)))
-    return crops
+def load_tokenizer(path, device="cpu", vocab_size=None):
+    """A VQ tokenizer checkpoint (official or ours) in fp32 eval mode, with one-line errors; with
+    vocab_size, also checks that its codebook is the vocabulary of the GPT it serves."""
+    from common import load_checkpoint
+    from vq import VQModel
+
+    try:
+        vq = VQModel.from_checkpoint(load_checkpoint(path)).to(device).float().eval()
+    except ValueError as e:  # wrong kind of file, keys or shapes: the loader says which
+        raise UserError(f"cannot load the tokenizer {path}: {str(e).splitlines()[0]}") from None
+    if vocab_size not in (None, vq.config.codebook_size):
+        raise UserError(
+            f"the tokenizer {path} has {vq.config.codebook_size} codes but the GPT's vocabulary "
+            f"is {vocab_size}: pass the tokenizer its codes were made with"
+        )
+    return vq
 
 
-def augment_crops(img: Image.Image, size: int, ten: bool = False, crop_range: float = 1.1) -> list:
-    """The n_aug crops stored per image: ten-crop (10), or ADM centre crop and its flip (2)."""
-    if ten:
-        return ten_crop(img, size, crop_range)
-    img = center_crop_arr(img, size)
-    return [img, img.transpose(Image.FLIP_LEFT_RIGHT)]
+def crops(img: Image.Image, size: int, ten: bool = False, crop_range=1.1, flip=True) -> list:
+    """The n_aug crops stored per image. Default: the ADM centre crop and its mirror (2). ten:
+    the official --ten-crop, torchvision's TenCrop(size) of the ADM centre crop to
+    int(size * crop_range): 4 corners + centre, then the same of the mirror image (10).
+    flip=False keeps only the unmirrored crops, for data where left and right matter."""
+    img = center_crop_arr(img, int(size * crop_range) if ten else size)
+    out = []
+    for im in (img, img.transpose(Image.FLIP_LEFT_RIGHT))[: 2 if flip else 1]:
+        m = im.width - size  # corner offsets; the centre is rounded as torchvision's center_crop
+        boxes = [(0, 0), (m, 0), (0, m), (m, m), (round(m / 2), round(m / 2))] if ten else [(0, 0)]
+        out += [im.crop((x, y, x + size, y + size)) for x, y in boxes]
+    return out
 
 
 class _Crops(torch.utils.data.Dataset):
-    """ImageFolder samples at `indices` -> (crops (n_aug, 3, S, S), label or BAD_LABEL, index)."""
+    """Rows `indices` of an ImageFolder -> (crops (n_aug, 3, S, S), label or BAD_LABEL, row)."""
 
-    def __init__(self, samples, indices, size, ten, crop_range, skip_bad):
-        self.samples, self.indices, self.size = samples, indices, size
-        self.ten, self.crop_range, self.skip_bad = ten, crop_range, skip_bad
+    def __init__(self, folder, indices, n_aug, args):
+        self.folder, self.indices, self.n_aug, self.args = folder, indices, n_aug, args
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, k):
-        i = int(self.indices[k])
-        path, label = self.samples[i]
-        img = load_image_or_skip(path, self.skip_bad)
+        i, a = int(self.indices[k]), self.args
+        path, label = self.folder.samples[i]
+        img = load_image(path, a.skip_bad_images)
         if img is None:
-            return torch.zeros(10 if self.ten else 2, 3, self.size, self.size), BAD_LABEL, i
-        return (
-            torch.stack(
-                [pil_to_tensor(c) for c in augment_crops(img, self.size, self.ten, self.crop_range)]
-            ),
-            label,
-            i,
-        )
+            return torch.zeros(self.n_aug, 3, a.image_size, a.image_size), BAD_LABEL, i
+        views = crops(img, a.image_size, a.ten_crop, a.crop_range, not a.no_flip)
+        return torch.stack([pil_to_tensor(c) for c in views]), label, i
 
 
-def write_json(obj, path):
-    """json.dump, atomically."""
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
-@torch.inference_mode()
-def extract_codes(
-    vq_ckpt,
-    data_path,
-    code_path,
-    image_size=256,
-    ten_crop=False,
-    crop_range=1.1,
-    batch_size=32,
-    num_workers=4,
-    skip_bad=False,
-    flush_every=20,
-) -> dict:
-    """Encode an image folder into code_path with the frozen VQ (fp32, eval); resumable, torchrun-parallel."""
-    from tqdm import tqdm
+def _open_store(args, vq, folder, env) -> dict:
+    """Rank 0 creates code_path (or checks that an existing one was made the same way); then
+    every rank opens the memmaps. Returns the store's meta.json dict."""
     from dataclasses import asdict
 
-    d = init_dist()
-    vq_ckpt, code_path = Path(vq_ckpt), Path(code_path)
-    vq = load_tokenizer(vq_ckpt, d.device)
-    if image_size % vq.config.downsample:
-        raise UserError(
-            f"--image-size {image_size} is not a multiple of the tokenizer's downsampling "
-            f"{vq.config.downsample}"
-        )
-    folder = ImageFolder(data_path, augment=None)
-    grid, n_aug = image_size // vq.config.downsample, 10 if ten_crop else 2
+    from common import file_digest
+
+    grid, path = args.image_size // vq.config.downsample, Path(args.code_path)
+    n_aug = (5 if args.ten_crop else 1) * (1 if args.no_flip else 2)
     dtype = np.uint16 if vq.config.codebook_size <= 2**16 else np.int32
     meta = dict(
         vocab_size=vq.config.codebook_size,
         grid_size=grid,
         block_size=grid * grid,
-        image_size=image_size,
+        image_size=args.image_size,
         num_classes=len(folder.classes),
         classes=folder.classes,
         num_images=len(folder),
         n_aug=n_aug,
-        ten_crop=ten_crop,
-        crop_range=crop_range if ten_crop else 1.0,
+        ten_crop=args.ten_crop,
+        crop_range=args.crop_range if args.ten_crop else 1.0,
+        flip=not args.no_flip,
         dtype=np.dtype(dtype).name,
-        data_path=str(Path(data_path).resolve()),
-        tokenizer=dict(
-            path=str(vq_ckpt.resolve()), size=vq_ckpt.stat().st_size, config=asdict(vq.config)
-        ),
+        data_path=str(Path(args.data_path).resolve()),
+        tokenizer=dict(path=str(Path(args.vq_ckpt).resolve()), config=asdict(vq.config)),
     )
-    files = {k: code_path / f"{k}.npy" for k in ("codes", "labels", "done")}
-    if d.rank == 0:  # rank 0 creates (or checks) the store, then everyone opens it
-        meta["tokenizer"]["sha256"] = file_digest(vq_ckpt, "sha256")
-        old = (
-            json.loads((code_path / "meta.json").read_text())
-            if (code_path / "meta.json").is_file()
-            else None
-        )
-        if old is not None and all(f.is_file() for f in files.values()):
-            changed = [k for k in meta if k != "data_path" and old.get(k) != meta[k]]
-            if changed:
-                raise UserError(
-                    f"{code_path} holds codes made with a different {', '.join(changed)}; "
-                    f"pass a new --code-path or delete that folder"
-                )
-        else:
-            code_path.mkdir(parents=True, exist_ok=True)
+    if env.rank == 0:
+        meta["tokenizer"]["sha256"] = file_digest(args.vq_ckpt)
+        old = read_code_meta(path) if (path / "done.npy").is_file() else None
+        changed = [k for k in meta if k != "data_path" and old and old.get(k) != meta[k]]
+        if changed:
+            raise UserError(
+                f"{path} holds codes made with a different {', '.join(changed)}; "
+                "pass a new --code-path or delete that folder"
+            )
+        if old is None:
+            path.mkdir(parents=True, exist_ok=True)
             shape = (len(folder), n_aug, grid * grid)
-            np.lib.format.open_memmap(files["codes"], "w+", dtype, shape).flush()
-            np.save(files["labels"], np.full(len(folder), BAD_LABEL, dtype=np.int64))
-            np.save(files["done"], np.zeros(len(folder), dtype=bool))
-            write_json({**meta, "complete": False}, code_path / "meta.json")
-    if d.distributed:
+            np.lib.format.open_memmap(path / "codes.npy", "w+", dtype, shape).flush()
+            np.save(path / "labels.npy", np.full(len(folder), BAD_LABEL, dtype=np.int64))
+            np.save(path / "done.npy", np.zeros(len(folder), dtype=bool))
+            write_json({**meta, "complete": False}, path / "meta.json")
+    if env.distributed:
         dist.barrier()
-    codes, labels, done = (np.load(f, mmap_mode="r+") for f in files.values())
-    mine = np.flatnonzero(~done)[d.rank :: d.world_size]  # what is left, shared out over ranks
+    return meta
+
+
+@torch.inference_mode()
+def extract_codes(args, flush_every=20) -> dict:
+    """Encode args.data_path into args.code_path with the frozen tokenizer (fp32, eval):
+    resumable (rows already marked done are skipped) and shared out over torchrun ranks."""
+    from tqdm import tqdm
+
+    env = setup("fp32")
+    vq = load_tokenizer(args.vq_ckpt, env.device)
+    if args.image_size % vq.config.downsample:
+        raise UserError(
+            f"--image-size {args.image_size} is not a multiple of the tokenizer's downsampling "
+            f"{vq.config.downsample}"
+        )
+    folder, path = ImageFolder(args.data_path, augment=None), Path(args.code_path)
+    meta = _open_store(args, vq, folder, env)
+    codes, labels, done = (np.load(path / f"{k}.npy", mmap_mode="r+") for k in STORE_FILES)
+    todo = np.flatnonzero(~done)[env.rank :: env.world_size]  # what is left, shared out
     loader = torch.utils.data.DataLoader(
-        _Crops(folder.samples, mine, image_size, ten_crop, crop_range, skip_bad),
-        batch_size=batch_size,
-        num_workers=num_workers,
+        _Crops(folder, todo, meta["n_aug"], args), args.batch_size, num_workers=args.num_workers
     )
     finished = []
-    for b, (x, y, idx) in enumerate(
-        tqdm(loader, desc=f"encoding {len(mine)} images", disable=d.rank != 0)
-    ):
-        idx = idx.numpy()
-        _, _, ind = vq.encode(x.flatten(0, 1).to(d.device))  # (B * n_aug * h * w,)
-        codes[idx] = ind.view(len(idx), n_aug, -1).cpu().numpy().astype(dtype)
-        labels[idx] = y.numpy()
-        finished.append(idx)
-        if (b + 1) % flush_every == 0 or b == len(
-            loader
-        ) - 1:  # codes reach the disk before done does
+    bar = tqdm(loader, desc=f"encoding {len(todo)} images", disable=env.rank != 0)
+    for b, (x, y, rows) in enumerate(bar):
+        rows = rows.numpy()
+        _, _, ind = vq.encode(x.flatten(0, 1).to(env.device))  # (B * n_aug * h * w,)
+        codes[rows] = ind.view(len(rows), meta["n_aug"], -1).cpu().numpy()
+        labels[rows], finished = y.numpy(), finished + [rows]
+        if (b + 1) % flush_every == 0 or b == len(loader) - 1:  # codes reach the disk before done
             codes.flush(), labels.flush()
-            done[np.concatenate(finished)] = True
+            done[np.concatenate(finished)], finished = True, []
             done.flush()
-            finished = []
-    if d.distributed:
+    if env.distributed:
         dist.barrier()
-    if d.rank == 0:
-        meta = json.loads((code_path / "meta.json").read_text())
+    if env.rank == 0:
         bad = np.flatnonzero(done & (labels < 0))
         meta.update(
             num_done=int(done.sum()),
@@ -724,14 +362,16 @@ def extract_codes(
             bad_files=[str(folder.samples[i][0]) for i in bad],
             complete=bool(done.all()),
         )
-        write_json(meta, code_path / "meta.json")
-    if d.distributed:
+        write_json(meta, path / "meta.json")
+    if env.distributed:
         dist.barrier()
-    return read_code_meta(code_path)
+    return read_code_meta(path)
 
 
 def read_code_meta(code_path) -> dict:
     """meta.json of a code folder, with a one-line error when it is not one."""
+    import json
+
     path = Path(code_path) / "meta.json"
     if not path.is_file():
         raise UserError(
@@ -742,59 +382,52 @@ def read_code_meta(code_path) -> dict:
 
 
 class CodeDataset(torch.utils.data.Dataset):
-    """Token grids -> (codes (block_size,) int64, label int64), one random stored augmentation each.
+    """(epoch, i) -> (codes (block_size,) int64, label int64), one random stored crop each.
 
-    As the official imagenet_code dataset: a random crop index per sample, and with `extra_code_path`
-    (e.g. the crop-range 1.05 set) that set instead with probability `extra_prob`. The draw is seeded
-    by (seed, epoch, index), so a resumed run sees the same tokens. Unreadable images are left out.
+    As the official imagenet_code dataset: a random crop index per sample, and with
+    `extra_code_path` (e.g. the crop-range 1.05 set) that set instead with probability
+    `extra_prob`. The draw is seeded by (seed, epoch, row), so a resumed run sees the same tokens.
+    Unreadable images are left out. `meta` is the store's meta.json.
     """
 
     def __init__(self, code_path, extra_code_path=None, extra_prob=0.5, seed=0):
         self.paths = [Path(p) for p in (code_path, extra_code_path) if p is not None]
-        metas = [read_code_meta(p) for p in self.paths]
-        self.meta = meta = metas[0]
-        for p, m in zip(self.paths[1:], metas[1:]):
-            diff = [
-                k for k in ("vocab_size", "block_size", "num_images", "classes") if m[k] != meta[k]
-            ]
-            if diff:
-                raise UserError(
-                    f"{p} does not match {code_path} ({', '.join(diff)} differ); "
-                    f"both must come from the same images and tokenizer"
-                )
-        self.labels = np.load(self.paths[0] / "labels.npy")
-        ok = np.ones(len(self.labels), dtype=bool)
+        self.meta = read_code_meta(code_path)
+        ok = np.ones(self.meta["num_images"], dtype=bool)
         for p in self.paths:
+            meta = read_code_meta(p)
+            if not meta.get("complete"):
+                raise UserError(
+                    f"the extraction into {p} did not finish; run the same `python data.py "
+                    "extract` command again to resume it"
+                )
+            diff = [k for k in ("vocab_size", "block_size", "classes") if meta[k] != self.meta[k]]
+            if diff or meta["num_images"] != len(ok):
+                raise UserError(
+                    f"{p} does not match {code_path} ({', '.join(diff) or 'num_images'} differ); "
+                    "both must come from the same images and tokenizer"
+                )
             ok &= np.load(p / "done.npy") & (np.load(p / "labels.npy") >= 0)
-        self.valid = np.flatnonzero(ok)  # dataset index -> row of the stores
-        if not len(self.valid):
+        self.labels = np.load(self.paths[0] / "labels.npy")
+        self.rows = np.flatnonzero(ok)  # dataset index -> row of the stores
+        if not len(self.rows):
             raise UserError(f"no finished codes in {code_path}; run (or resume) the extraction")
-        self.vocab_size, self.block_size, self.num_classes = (
-            meta["vocab_size"],
-            meta["block_size"],
-            meta["num_classes"],
-        )
-        self.extra_prob, self.seed, self.epoch = extra_prob, seed, 0
+        self.extra_prob, self.seed = extra_prob, seed
         self._codes = None  # memmaps, opened lazily in each DataLoader worker
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
     def __len__(self):
-        return len(self.valid)
+        return len(self.rows)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        epoch, i = key
         if self._codes is None:
             self._codes = [np.load(p / "codes.npy", mmap_mode="r") for p in self.paths]
-        j = int(self.valid[i])
-        rng = np.random.default_rng([self.seed, self.epoch, j])
-        store = (
-            self._codes[1]
-            if len(self._codes) > 1 and rng.random() < self.extra_prob
-            else self._codes[0]
-        )
-        aug = int(rng.integers(store.shape[1]))
-        return torch.from_numpy(store[j, aug].astype(np.int64)), int(self.labels[j])
+        row = int(self.rows[i])
+        rng = np.random.default_rng([self.seed, epoch, row])
+        extra = len(self._codes) > 1 and rng.random() < self.extra_prob
+        store = self._codes[1 if extra else 0]
+        crop = int(rng.integers(store.shape[1]))
+        return torch.from_numpy(store[row, crop].astype(np.int64)), int(self.labels[row])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -805,56 +438,64 @@ def parse_args(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(
-        description="data utilities: toy images, token-code extraction"
+        description="data utilities: toy images, token-code extraction",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     toy = sub.add_parser("toy", help="write a toy class-per-folder image dataset")
     toy.add_argument("root")
-    toy.add_argument("--num-classes", type=int, default=4)
-    toy.add_argument("--per-class", type=int, default=64)
-    toy.add_argument("--size", type=int, default=64)
-    toy.add_argument("--seed", type=int, default=0)
-    ex = sub.add_parser(
-        "extract", help="encode an image folder into token codes (resumable; torchrun ok)"
-    )
-    ex.add_argument("--vq-ckpt", required=True)
-    ex.add_argument("--data-path", required=True)
-    ex.add_argument("--code-path", required=True)
+    for flag, default in (("--num-classes", 4), ("--per-class", 64), ("--size", 64), ("--seed", 0)):
+        toy.add_argument(flag, type=int, default=default)
+    ex = sub.add_parser("extract", help="encode an image folder into token codes (resumable)")
+    for flag in ("--vq-ckpt", "--data-path", "--code-path"):
+        ex.add_argument(flag, required=True)
     ex.add_argument("--image-size", type=int, default=256)
-    ex.add_argument(
-        "--ten-crop", action="store_true", help="official 10 crops (else centre crop + flip)"
-    )
-    ex.add_argument(
-        "--crop-range", type=float, default=1.1, help="ten-crop source size = image size x this"
-    )
+    ex.add_argument("--ten-crop", action="store_true", help="official 10 crops, else centre crop")
+    ex.add_argument("--crop-range", type=float, default=1.1, help="ten-crop source = size x this")
+    ex.add_argument("--no-flip", action="store_true", help="no mirrored crops (text, digits, maps)")
     ex.add_argument("--batch-size", type=int, default=32, help="images per rank per batch")
     ex.add_argument("--num-workers", type=int, default=4)
-    ex.add_argument(
-        "--skip-bad-images", action="store_true", help="mark unreadable images invalid and go on"
-    )
+    ex.add_argument("--skip-bad-images", action="store_true", help="mark unreadable images, go on")
     return parser.parse_args(argv)
 
 
 def main(args):
     if args.cmd == "toy":
         print(make_toy_dataset(args.root, args.num_classes, args.per_class, args.size, args.seed))
-    else:
-        m = extract_codes(
-            args.vq_ckpt,
-            args.data_path,
-            args.code_path,
-            args.image_size,
-            args.ten_crop,
-            args.crop_range,
-            args.batch_size,
-            args.num_workers,
-            args.skip_bad_images,
-        )
-        print0(
-            f"{m['num_valid']} images x {m['n_aug']} crops of {m['block_size']} tokens in {args.code_path} "
-            f"({m['num_bad']} unreadable skipped)"
-        )
+        return
+    m = extract_codes(args)
+    print0(
+        f"{m['num_valid']} images x {m['n_aug']} crops of {m['block_size']} tokens in "
+        f"{args.code_path} ({m['num_bad']} unreadable skipped)"
+    )
 
 
 if __name__ == "__main__":
+    from common import cli
+
     cli(main, parse_args)
+
+
+# TEMPORARY during the redesign: the runtime moved to common.py
+from common import (  # noqa: E402,F401
+    cli,
+    cache_dir,
+    hf_url,
+    file_digest,
+    download,
+    is_main,
+    atomic_write,
+    save_checkpoint,
+    load_checkpoint,
+    JsonlLogger,
+    update_ema,
+)
+import common as _c  # noqa: E402
+
+init_dist = lambda: _c.setup()  # noqa: E731
+autocast_ctx = lambda device, precision: _c.setup(precision).ctx  # noqa: E731
+_one = lambda: _c.Env(0, 1, 0, None, False, None, None)  # noqa: E731
+get_rng_state = lambda: _c.gather_rng(_one())[0]  # noqa: E731
+set_rng_state = lambda s: _c.restore_rng([s], _one())  # noqa: E731
+make_results_dir = lambda root, name: _c.run_dir(root, name)  # noqa: E731
+load_image_or_skip = load_image

@@ -27,8 +27,14 @@ S = 32  # toy images are 32 px; VQ-tiny downsamples 8x -> 4 x 4 = 16 tokens
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def extract(vq_ckpt, folder, code_path, **kw):
-    return data.extract_codes(vq_ckpt, folder, code_path, image_size=S, num_workers=0, **kw)
+def extract(vq_ckpt, folder, code_path, image_size=S, flush_every=20, **flags):
+    """`python data.py extract ...` in this process; flags as keyword arguments."""
+    argv = ["extract", "--vq-ckpt", str(vq_ckpt), "--data-path", str(folder)]
+    argv += ["--code-path", str(code_path), "--image-size", str(image_size), "--num-workers", "0"]
+    for k, v in flags.items():
+        flag = "--" + k.replace("_", "-")
+        argv += [flag] if v is True else [flag, str(v)]
+    return data.extract_codes(data.parse_args(argv), flush_every=flush_every)
 
 
 def load_store(code_path):
@@ -61,7 +67,7 @@ def test_centre_and_flip_codes_equal_encode_and_decode(vq_ckpt, toy_folder, tmp_
     folder = data.ImageFolder(toy_folder, augment=None)
     assert codes.shape == (32, 2, 16) and codes.dtype == np.uint16 and done.all()
     assert labels.tolist() == [lab for _, lab in folder.samples]
-    model = vq.VQModel.from_checkpoint(vq_ckpt)
+    model = data.load_tokenizer(vq_ckpt)
     for i in (0, 13, 31):
         img = data.center_crop_arr(data.load_image(folder.samples[i][0]), S)
         ref, quant = encode(model, [img, img.transpose(Image.FLIP_LEFT_RIGHT)])
@@ -94,7 +100,20 @@ def test_centre_and_flip_codes_equal_encode_and_decode(vq_ckpt, toy_folder, tmp_
     assert meta["complete"] and meta["dtype"] == "uint16"
     tok = meta["tokenizer"]
     assert tok["sha256"] == hashlib.sha256(Path(vq_ckpt).read_bytes()).hexdigest()
-    assert tok["size"] == Path(vq_ckpt).stat().st_size and tok["config"]["codebook_size"] == 1024
+    assert tok["config"]["codebook_size"] == 1024 and meta["flip"]
+
+
+def test_no_flip_keeps_only_unmirrored_crops(vq_ckpt, toy_folder, tmp_path):
+    for ten in (False, True):
+        kw = dict(ten_crop=True) if ten else {}
+        both = extract(vq_ckpt, toy_folder, tmp_path / f"both{ten}", **kw)
+        one = extract(vq_ckpt, toy_folder, tmp_path / f"one{ten}", no_flip=True, **kw)
+        assert (both["n_aug"], one["n_aug"], one["flip"]) == ((10, 5) if ten else (2, 1)) + (False,)
+        mirrored, plain = (
+            load_store(tmp_path / f"both{ten}")[0],
+            load_store(tmp_path / f"one{ten}")[0],
+        )
+        np.testing.assert_array_equal(plain, mirrored[:, : one["n_aug"]])
 
 
 @pytest.mark.parametrize("crop_range", [1.1, 1.05])
@@ -104,14 +123,14 @@ def test_ten_crop_codes_equal_encode(vq_ckpt, toy_folder, tmp_path, crop_range):
     )
     assert (meta["n_aug"], meta["crop_range"]) == (10, crop_range)
     codes, _, _ = load_store(tmp_path / "codes")
-    model = vq.VQModel.from_checkpoint(vq_ckpt)
+    model = data.load_tokenizer(vq_ckpt)
     folder = data.ImageFolder(toy_folder, augment=None)
     for i in (2, 30):
         img = data.load_image(folder.samples[i][0])
         crops = reference_ten_crop(img, S, crop_range)
         assert all(
             np.array_equal(np.asarray(a), np.asarray(b))
-            for a, b in zip(crops, data.ten_crop(img, S, crop_range))
+            for a, b in zip(crops, data.crops(img, S, True, crop_range))
         )
         np.testing.assert_array_equal(codes[i], encode(model, crops)[0])
     assert len({codes[2, k].tobytes() for k in range(10)}) > 1  # the crops differ
@@ -145,7 +164,7 @@ def test_extraction_resumes_after_interruption(vq_ckpt, toy_folder, tmp_path, mo
     with pytest.raises(
         data.UserError, match="different grid_size, block_size, image_size"
     ):  # settings must match to resume
-        data.extract_codes(vq_ckpt, toy_folder, tmp_path / "codes", image_size=64, num_workers=0)
+        extract(vq_ckpt, toy_folder, tmp_path / "codes", image_size=64)
 
 
 def test_unreadable_images_named_or_skipped(vq_ckpt, toy_folder, tmp_path):
@@ -155,11 +174,11 @@ def test_unreadable_images_named_or_skipped(vq_ckpt, toy_folder, tmp_path):
     bad.write_bytes(b"not a png at all")
     with pytest.raises(data.UserError, match="broken.png"):
         extract(vq_ckpt, folder, tmp_path / "codes")
-    meta = extract(vq_ckpt, folder, tmp_path / "codes2", skip_bad=True)
+    meta = extract(vq_ckpt, folder, tmp_path / "codes2", skip_bad_images=True)
     assert (meta["num_images"], meta["num_valid"], meta["num_bad"]) == (33, 32, 1)
     assert meta["bad_files"] == [str(bad)] and meta["complete"]
     ds = data.CodeDataset(tmp_path / "codes2")
-    assert len(ds) == 32 and all(ds[i][1] >= 0 for i in range(len(ds)))
+    assert len(ds) == 32 and all(ds[(0, i)][1] >= 0 for i in range(len(ds)))
 
 
 def test_code_dataset_draws(tmp_path):
@@ -180,27 +199,29 @@ def test_code_dataset_draws(tmp_path):
             classes=list("abcd"),
             num_images=n,
             n_aug=n_aug,
+            complete=True,
         )
         (path / "meta.json").write_text(json.dumps(meta))
 
     store(tmp_path / "a", 0)
     store(tmp_path / "b", 100)
     ds = data.CodeDataset(tmp_path / "a", seed=1)
-    assert len(ds) == 63 and ds.block_size == 16 and ds.vocab_size == 1024 and ds.num_classes == 4
-    codes, label = ds[5]  # row 6: row 5 is skipped
+    assert len(ds) == 63 and ds.meta["block_size"] == 16 and ds.meta["num_classes"] == 4
+    codes, label = ds[(0, 5)]  # row 6: row 5 is skipped
     assert codes.dtype == torch.int64 and codes.shape == (16,) and label == 6 % 4
-    first = [ds[i][0][0].item() for i in range(63)]
-    assert first == [
-        ds[i][0][0].item() for i in range(63)
-    ]  # deterministic per (seed, epoch, index)
+    first = [ds[(0, i)][0][0].item() for i in range(63)]
+    assert first == [ds[(0, i)][0][0].item() for i in range(63)]  # seeded by (seed, epoch, row)
     assert len(set(first)) == 10  # every crop gets drawn
-    ds.set_epoch(1)
-    assert first != [ds[i][0][0].item() for i in range(63)]
+    assert first != [ds[(1, i)][0][0].item() for i in range(63)]
     mixed = data.CodeDataset(tmp_path / "a", extra_code_path=tmp_path / "b", extra_prob=0.5)
-    from_b = np.mean([mixed[i][0][0].item() >= 100 for i in range(63)])
+    from_b = np.mean([mixed[(0, i)][0][0].item() >= 100 for i in range(63)])
     assert 0.25 < from_b < 0.75
     never = data.CodeDataset(tmp_path / "a", extra_code_path=tmp_path / "b", extra_prob=0.0)
-    assert all(never[i][0][0].item() < 100 for i in range(63))
+    assert all(never[(0, i)][0][0].item() < 100 for i in range(63))
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    (tmp_path / "b" / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    with pytest.raises(data.UserError, match="did not finish; run the same"):
+        data.CodeDataset(tmp_path / "a", extra_code_path=tmp_path / "b")
 
 
 def test_torchrun_cli_extraction_equals_one_process(vq_ckpt, toy_folder, tmp_path):
