@@ -16,6 +16,7 @@ import torch
 import common
 import data
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 ENV = common.setup()  # one CPU process
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def test_load_tokenizer_errors_are_one_line(tmp_path, vq_ckpt):
         {"model": {"tok_embeddings.weight": torch.zeros(4, 2)}}, tmp_path / "gpt.pt"
     )
     with pytest.raises(
-        common.UserError, match=r"cannot load the tokenizer .*gpt\.pt: .*GPT checkpoint"
+        common.UserError, match=r"cannot load the tokenizer .*gpt\.pt: .*(GPT|VQ)"
     ) as e:
         data.load_tokenizer(tmp_path / "gpt.pt")
     assert "\n" not in str(e.value)
@@ -227,8 +228,54 @@ def test_cli_prints_one_line_error(tmp_path):
     )
     r = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=data.__file__.rsplit("/", 1)[0],
+        cwd=ROOT,
         capture_output=True,
         text=True,
     )
     assert r.returncode == 2 and r.stderr.strip() == "error: cannot read image x.png"
+
+
+def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = common.save_checkpoint({"step": 1}, tmp_path / "last.pt")
+    (tmp_path / ".last.pt.tmp999").write_bytes(b"left by a killed writer")
+
+    def disk_full(obj, f):
+        f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(common.UserError, match="could not write .*last.pt.*previous version"):
+        common.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert common.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary files, stale or new
+
+
+def test_threads_follow_processes_per_node_unless_set():
+    code = "import common; print(common.setup().threads)"
+    cores = common.cpus_per_process() * int(__import__("os").environ.get("LOCAL_WORLD_SIZE", 1))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
+    for extra, want in (
+        ({"LOCAL_WORLD_SIZE": "2"}, max(1, cores // 2)),
+        ({"OMP_NUM_THREADS": "1"}, 1),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+        )
+        assert int(r.stdout) == want, r.stderr
+
+
+def test_cli_error_gets_its_own_line_after_a_progress_bar():
+    code = (
+        "import common, tqdm\n"
+        "def main(a):\n"
+        "    bar = tqdm.tqdm(total=10, file=__import__('sys').stderr); bar.update(3)\n"
+        "    raise common.UserError('bad input')\n"
+        "common.cli(main, lambda: None)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == "error: bad input"
