@@ -1,9 +1,10 @@
 """FID, sFID, Inception Score, precision/recall and tokenizer rFID, with torch + numpy only.
 
-    python fid.py data/toy samples/ --device cpu --batch-size 16             # two folders, on the CPU
-    python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz                # LlamaGen's gFID protocol
-    python fid.py --rfid --vq-ckpt vq_ds16_c2i.pt imagenet/val --image-size 256   # rFID, PSNR, usage
-    python fid.py imagenet/val --image-size 256 --save-stats val256_stats.npz     # statistics only
+    python fid.py data/toy toy_samples.npz --inception-weights random   # offline smoke run (CPU)
+    python fid.py data/toy samples/ --device cpu --batch-size 16         # two folders, on the CPU
+    python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz            # LlamaGen's gFID protocol
+    python fid.py --rfid --vq-ckpt vq_ds16_c2i.pt imagenet/val --image-size 256  # rFID, PSNR
+    python fid.py imagenet/val --image-size 256 --save-stats val256_stats.npz    # statistics only
 
 Reimplements OpenAI's ADM evaluator (guided-diffusion evaluations/evaluator.py, which LlamaGen
 uses) without TensorFlow: the 2015 TF Inception graph as ported by pytorch-fid (same weights
@@ -19,14 +20,18 @@ import math
 import os
 import warnings
 import zipfile
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import common
 import data
+from common import UserError
 
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -34,123 +39,98 @@ WEIGHTS_URL = (
 )
 WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub naming: the first hex digits of the file's sha256
 MODES = ("adm", "pytorch-fid")
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")  # the ADM reference batch's precomputed statistics
 IS_SPLIT = 5000  # ADM: Inception Score over consecutive splits of 5000 samples
 PR_K = 3  # improved precision/recall: radius = distance to the 3rd nearest neighbour
 
 
 # ----------------------------------------------------------------------------------------------
-# Inception-v3, FID variant (pytorch-fid's port of the 2015 TF graph; EVAL.md §2)
+# Inception-v3, FID variant (pytorch-fid's port of the 2015 TF graph; EVAL.md §2). Module names
+# are pytorch-fid's (EVAL.md §1.1), so its weights file is one strict load_state_dict away.
 
 
 class BasicConv2d(nn.Module):
-    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+    """Conv (no bias) -> BatchNorm (eps 0.001, the TF graph's) -> ReLU; keys conv.*, bn.*."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
 
 
-def avg_pool(x):  # TF averages over real pixels only: padded zeros are not counted
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+class Mixed(nn.Module):
+    """One Inception block: parallel branches from the same input, concatenated on channels.
 
+    `branches` maps a name prefix to its layers [(cout, kernel), ...], run in order; a layer
+    (cout, kernel_a, kernel_b) is two convolutions side by side on the same input, concatenated
+    (Mixed_7b/7c). Names are pytorch-fid's: a one-layer branch is the prefix itself (branch1x1),
+    longer ones prefix_1, prefix_2, ... and side-by-side pairs prefix_2a, prefix_2b. The pool
+    branch comes last: `pool` (TF's 3x3 average by default), then a 1x1 conv to `pool_features`
+    channels named branch_pool. Without pool_features the block halves the grid (Mixed_6a, 7a):
+    the pool is a stride-2 max pool alone and each branch's last conv has stride 2, no padding.
+    """
 
-class InceptionA(nn.Module):  # Mixed_5b..5d, 35x35
-    def __init__(self, cin, pool_features):
+    def __init__(self, cin, branches: dict, pool_features=0, pool=None):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, 1)
-        self.branch5x5_1, self.branch5x5_2 = (
-            BasicConv2d(cin, 48, 1),
-            BasicConv2d(48, 64, 5, padding=2),
-        )
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+        self.branches = []  # [branch][step] -> the modules run side by side at that step
+        for prefix, layers in branches.items():
+            c, branch = cin, []
+            for i, (cout, *kernels) in enumerate(layers, 1):
+                stride = 2 if i == len(layers) and not pool_features else 1
+                step = [
+                    BasicConv2d(c, cout, k, stride, "same" if stride == 1 else 0) for k in kernels
+                ]
+                for suffix, conv in zip("ab" if len(step) == 2 else [""], step):
+                    self.add_module(f"{prefix}_{i}{suffix}" if len(layers) > 1 else prefix, conv)
+                branch.append(step)
+                c = cout * len(kernels)
+            self.branches.append(branch)
+        if pool_features:  # TF averages over real pixels only: the padded zeros are not counted
+            pool = pool or nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+            self.branch_pool = BasicConv2d(cin, pool_features, 1)
+            self.branches.append([[pool], [self.branch_pool]])
+        else:
+            self.branches.append([[nn.MaxPool2d(3, stride=2)]])
 
     def forward(self, x):
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(avg_pool(x))], 1)
+        out = []
+        for branch in self.branches:
+            y = x
+            for step in branch:
+                y = step[0](y) if len(step) == 1 else torch.cat([m(y) for m in step], 1)
+            out.append(y)
+        return torch.cat(out, 1)
 
 
-class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
+# The five block types of Inception-v3 (Szegedy et al. 2016, Fig. 5-7 and 10), as branch tables
+BRANCHES_A = dict(  # Mixed_5b..5d, 35x35
+    branch1x1=[(64, 1)], branch5x5=[(48, 1), (64, 5)], branch3x3dbl=[(64, 1), (96, 3), (96, 3)]
+)
+# Mixed_6a, 35x35 -> 17x17 (halving: the last conv of each branch has stride 2)
+BRANCHES_B = dict(branch3x3=[(384, 3)], branch3x3dbl=BRANCHES_A["branch3x3dbl"])
 
 
-class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17, factorised 7x7 convolutions
-    def __init__(self, cin, c7):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = self.branch7x7dbl_1(x)
-        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(bd))))
-        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(avg_pool(x))], 1)
+def branches_c(c7):  # Mixed_6b..6e, 17x17: 7x7 convolutions factorised into 1x7 and 7x1
+    return dict(
+        branch1x1=[(192, 1)],
+        branch7x7=[(c7, 1), (c7, (1, 7)), (192, (7, 1))],
+        branch7x7dbl=[(c7, 1), (c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)), (192, (1, 7))],
+    )
 
 
-class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = (
-            BasicConv2d(cin, 192, 1),
-            BasicConv2d(192, 320, 3, stride=2),
-        )
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat(
-            [self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1
-        )
-
-
-class InceptionE(
-    nn.Module
-):  # Mixed_7b (avg pool branch), Mixed_7c (max pool branch: a TF graph quirk)
-    def __init__(self, cin, pool):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(cin, 320, 1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
-
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        pooled = avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
+BRANCHES_D = dict(  # Mixed_7a, 17x17 -> 8x8 (halving)
+    branch3x3=[(192, 1), (320, 3)],
+    branch7x7x3=[(192, 1), (192, (1, 7)), (192, (7, 1)), (192, 3)],
+)
+SPLIT = [(1, 3), (3, 1)]  # a 1x3 and a 3x1 conv side by side in place of one 3x3
+BRANCHES_E = dict(  # Mixed_7b, 7c, 8x8
+    branch1x1=[(320, 1)],
+    branch3x3=[(384, 1), (384, *SPLIT)],
+    branch3x3dbl=[(448, 1), (384, 3), (384, *SPLIT)],
+)
 
 
 class InceptionV3(nn.Module):
@@ -158,61 +138,54 @@ class InceptionV3(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        # run in this order by forward; the max pools hold no weights, so add no keys
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)  # (B, 32, 149, 149)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)  # (B, 32, 147, 147)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)  # (B, 64, 147, 147)
+        self.maxpool1 = nn.MaxPool2d(3, stride=2)  # (B, 64, 73, 73)
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = (
-            InceptionA(192, 32),
-            InceptionA(256, 64),
-            InceptionA(288, 64),
-        )
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
-        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, "avg"), InceptionE(2048, "max")
-        self.fc = nn.Linear(
-            2048, 1008
-        )  # 1000 ImageNet classes + 8 unused outputs of the 2015 graph
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)  # (B, 192, 71, 71)
+        self.maxpool2 = nn.MaxPool2d(3, stride=2)  # (B, 192, 35, 35)
+        self.Mixed_5b = Mixed(192, BRANCHES_A, 32)  # (B, 256, 35, 35)
+        self.Mixed_5c = Mixed(256, BRANCHES_A, 64)  # (B, 288, 35, 35)
+        self.Mixed_5d = Mixed(288, BRANCHES_A, 64)  # (B, 288, 35, 35)
+        self.Mixed_6a = Mixed(288, BRANCHES_B)  # (B, 768, 17, 17)
+        self.Mixed_6b = Mixed(768, branches_c(128), 192)
+        self.Mixed_6c = Mixed(768, branches_c(160), 192)
+        self.Mixed_6d = Mixed(768, branches_c(160), 192)
+        self.Mixed_6e = Mixed(768, branches_c(192), 192)  # (B, 768, 17, 17)
+        self.Mixed_7a = Mixed(768, BRANCHES_D)  # (B, 1280, 8, 8)
+        self.Mixed_7b = Mixed(1280, BRANCHES_E, 192)  # (B, 2048, 8, 8)
+        # Mixed_7c pools by max, not average: a quirk of the TF graph that pytorch-fid patches in
+        self.Mixed_7c = Mixed(2048, BRANCHES_E, 192, nn.MaxPool2d(3, stride=1, padding=1))
+        self.fc = nn.Linear(2048, 1008)  # 1000 ImageNet classes + 8 unused outputs of the graph
 
     def forward(self, images: torch.Tensor, mode: str = "adm"):
         x = preprocess(images, mode)  # (B, 3, 299, 299)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))  # (B, 192, 71, 71)
-        x = self.Mixed_5d(
-            self.Mixed_5c(self.Mixed_5b(F.max_pool2d(x, 3, stride=2)))
-        )  # (B, 288, 35, 35)
-        x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x))))  # (B, 768, 17, 17)
-        # sFID: TF mixed_6/conv = Mixed_6d.branch1x1 = the first 192 channels; keep 7, flatten as NHWC
-        spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # (B, 17*17*7 = 2023)
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(x))))  # (B, 2048, 8, 8)
+        for name, layer in self.named_children():
+            if name == "fc":
+                break
+            x = layer(x)
+            if name == "Mixed_6d":  # sFID: TF mixed_6/conv = Mixed_6d.branch1x1 = first 192
+                spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # keep 7, NHWC: (B, 2023)
         pool3 = x.mean((2, 3))  # (B, 2048)
         logits = pool3 @ self.fc.weight.T  # (B, 1008); IS uses the graph's MatMul, without the bias
         return pool3, spatial, logits
 
 
 def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
-    """TF1 ResizeBilinear (legacy: no half-pixel centres) of x (B, C, H, W) float32 to size x size."""
+    """TF1 ResizeBilinear (legacy, no half-pixel centres): x (B, C, H, W) float32 -> size x size."""
 
-    def taps(n_in):
-        scale = torch.tensor(n_in / size, dtype=torch.float32)  # TF: in / (float)out, in float32
-        src = torch.arange(size, dtype=torch.float32) * scale  # source coordinate = dst * scale
+    def along_width(x):  # (..., W) -> (..., size)
+        n_in = x.shape[-1]
+        # source coordinate = dst * scale, with TF's scale = in / (float)out, all in float32
+        src = torch.arange(size, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
         lo = src.floor()
-        lo_i = lo.long()
-        return (
-            lo_i.to(x.device),
-            (lo_i + 1).clamp(max=n_in - 1).to(x.device),
-            (src - lo).to(x.device),
-        )
+        left, right = x[..., lo.long()], x[..., (lo.long() + 1).clamp(max=n_in - 1)]
+        return left + (right - left) * (src - lo)
 
-    ylo, yhi, fy = taps(x.shape[2])
-    xlo, xhi, fx = taps(x.shape[3])
-    top, bottom = x[:, :, ylo], x[:, :, yhi]  # (B, C, size, W)
-    top = top[..., xlo] + (top[..., xhi] - top[..., xlo]) * fx  # lerp along x first, as TF
-    bottom = bottom[..., xlo] + (bottom[..., xhi] - bottom[..., xlo]) * fx
-    return top + (bottom - top) * fy[:, None]  # (B, C, size, size)
+    # along x first, then y, as TF: the same float32 operations in the same order
+    return along_width(along_width(x).transpose(2, 3)).transpose(2, 3)  # (B, C, size, size)
 
 
 def preprocess(images: torch.Tensor, mode: str = "adm") -> torch.Tensor:
@@ -226,73 +199,35 @@ def preprocess(images: torch.Tensor, mode: str = "adm") -> torch.Tensor:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def random_inception_weights(shapes: dict, seed: int = 0) -> dict:
-    """Seeded random weights in the official layout (keys in sorted order, one draw each, He-init convs)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name in sorted(shapes):
-        shape = shapes[name]
-        if name.endswith("running_var"):  # positive BN variances
-            sd[name] = torch.rand(shape, generator=g) + 0.5
-            continue
-        r = torch.randn(shape, generator=g)
-        if name.endswith("conv.weight"):  # He init keeps activations O(1) through 94 conv layers
-            sd[name] = r * math.sqrt(2 / math.prod(shape[1:]))
-        elif name.endswith("bn.weight"):
-            sd[name] = 1 + 0.1 * r
-        elif name == "fc.weight":
-            sd[name] = 0.05 * r
-        else:  # bn.bias, bn.running_mean, fc.bias
-            sd[name] = 0.1 * r
-    return sd
-
-
 def load_inception(weights=None) -> InceptionV3:
-    """The FID Inception in eval mode, from `weights`, pytorch-fid's release (cached), or "random"."""
+    """The FID Inception in eval mode: `weights`, else pytorch-fid's release (cached); "random"
+    gives seeded random weights for offline smoke runs."""
     if weights == "random":  # offline smoke runs: numbers comparable only with other "random" runs
+        torch.manual_seed(0)
         model = InceptionV3()
-        shapes = {
-            k: v.shape
-            for k, v in model.state_dict().items()
-            if not k.endswith("num_batches_tracked")
-        }
-        model.load_state_dict(random_inception_weights(shapes), strict=False)
+        for m in model.modules():  # He init keeps activations O(1) through 94 conv + ReLU layers
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
         return model.eval()
     if weights is None:
         try:
-            weights = data.download(WEIGHTS_URL, desc="FID Inception weights")
-        except data.UserError as e:
-            raise data.UserError(f"{e} (or pass --inception-weights PATH)") from None
-    if not os.path.isfile(weights):
-        raise data.UserError(
-            f"Inception weights {weights} not found; pass the path of "
-            f"pt_inception-2015-12-05-6726825d.pth ({WEIGHTS_URL})"
-        )
-    sha = data.file_digest(weights, "sha256")
-    if not sha.startswith(WEIGHTS_SHA256_PREFIX):
+            weights = common.download(WEIGHTS_URL, desc="FID Inception weights")
+        except UserError as e:
+            raise UserError(f"{e} (or pass --inception-weights PATH)") from None
+    # the AuxLogits head is training-only; torch fills in BN num_batches_tracked when absent
+    state = {k: v for k, v in common.load_checkpoint(weights).items() if "AuxLogits" not in k}
+    sha = common.file_digest(weights)
+    if not sha.startswith(WEIGHTS_SHA256_PREFIX):  # pytorch-fid never checks it: warn, not fail
         warnings.warn(
             f"{weights}: sha256 {sha[:8]}... does not start with {WEIGHTS_SHA256_PREFIX}; "
             f"FIDs may not be comparable with published ones"
         )
-    sd = torch.load(weights, map_location="cpu", weights_only=True)
-    sd = {
-        k: v
-        for k, v in sd.items()
-        if not (k.endswith("num_batches_tracked") or k.startswith("AuxLogits."))
-    }
     model = InceptionV3()
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise data.UserError(
-            f"{weights} is not the FID Inception weights file: {str(e).splitlines()[-1]}"
-        )
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise data.UserError(
-            f"{weights} is not the FID Inception weights file: missing keys {missing[:3]}, "
-            f"unexpected keys {unexpected[:3]}"
-        )
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or misshapen keys: say the first
+        first = str(e).splitlines()[1].strip()[:200]
+        raise UserError(f"{weights} is not the FID Inception weights file: {first}") from None
     return model.eval()
 
 
@@ -302,12 +237,12 @@ def load_inception(weights=None) -> InceptionV3:
 
 def compute_statistics(features: np.ndarray):
     """Mean and unbiased covariance of (N, D) features, in float64."""
-    n, d = features.shape
+    n, dim = features.shape
     if n < 2:
-        raise data.UserError(f"need at least 2 images for statistics, got {n}")
-    if n <= d:
+        raise UserError(f"need at least 2 images for statistics, got {n}")
+    if n <= dim:
         warnings.warn(
-            f"only {n} images for {d}-dim features: the covariance is singular and the "
+            f"only {n} images for {dim}-dim features: the covariance is singular and the "
             f"Frechet distance is biased high; use many more (50 000 for published numbers)"
         )
     features = features.astype(np.float64)
@@ -315,10 +250,10 @@ def compute_statistics(features: np.ndarray):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) in float64, by two symmetric eigendecompositions."""
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) in float64, by two symmetric eigensolves."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
-        raise data.UserError("statistics contain NaN or inf; check the images and the weights file")
+        raise UserError("statistics contain NaN or inf; check the images and the weights file")
     # S1 = F F^T with F = V sqrt(W) (eigenvectors V, eigenvalues W); the nonzero eigenvalues of
     # S1 S2 are those of the symmetric PSD F^T S2 F, so tr (S1 S2)^1/2 = sum of their square roots.
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
@@ -331,7 +266,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def inception_score(logits: torch.Tensor, split_size: int = IS_SPLIT) -> float:
-    """ADM's IS: softmax over all 1008 outputs, exp(mean KL(p || mean p)) per split, mean of splits."""
+    """ADM's IS: softmax over all 1008 outputs, exp(mean KL(p || mean p)) per split; their mean."""
     probs = torch.softmax(logits.float(), dim=1).double()  # float32 softmax as the TF graph
     scores = []
     for part in probs.split(split_size):  # consecutive splits; a partial last one counts
@@ -341,188 +276,122 @@ def inception_score(logits: torch.Tensor, split_size: int = IS_SPLIT) -> float:
     return float(np.mean(scores))
 
 
-def _sq_dists(
-    a, b
-):  # (n, m) squared Euclidean distances, as ADM: |a|^2 - 2ab + |b|^2, clamped at 0
-    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)).clamp_min(0)
-
-
-def _knn_radii(
-    x, k=PR_K, block=1000
-):  # squared distance to the k-th neighbour (position 0 is itself)
-    return torch.cat(
-        [
-            _sq_dists(x[i : i + block], x).kthvalue(k + 1, dim=1).values
-            for i in range(0, len(x), block)
-        ]
-    )
-
-
-def _covered(
-    points, centres, radii, block=1000
-):  # which points lie within (<=) some centre's radius
-    return torch.cat(
-        [
-            (_sq_dists(points[i : i + block], centres) <= radii).any(1)
-            for i in range(0, len(points), block)
-        ]
-    )
-
-
-def precision_recall(ref_feats: torch.Tensor, sample_feats: torch.Tensor, k: int = PR_K):
-    """Improved precision/recall (Kynkaanniemi et al. 2019) on pool3 features, as ADM but in float32."""
-    ref, sam = ref_feats.float(), sample_feats.float()
+def precision_recall(ref_feats, sample_feats, k: int = PR_K):
+    """Improved precision/recall (Kynkaanniemi et al. 2019) of pool3 features, as ADM's (float32
+    distances where ADM uses float16, EVAL.md §4)."""
+    ref, sam = torch.as_tensor(ref_feats).float(), torch.as_tensor(sample_feats).float()
     if min(len(ref), len(sam)) <= k:
         warnings.warn(f"precision/recall need more than k={k} images per set; skipped")
         return float("nan"), float("nan")
-    precision = _covered(sam, ref, _knn_radii(ref, k)).double().mean().item()
-    recall = _covered(ref, sam, _knn_radii(sam, k)).double().mean().item()
-    return precision, recall
+
+    def sq_dists(a, b):  # (n, m) squared Euclidean distances as ADM: |a|^2 - 2ab + |b|^2, >= 0
+        return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)).clamp_min(0)
+
+    def covered(points, centres):  # fraction of points within (<=) some centre's k-NN radius
+        # radius: squared distance to the k-th neighbour (position 0 is the centre itself);
+        # rows in blocks of 1000 bound the (block, N) distance matrices in memory
+        radii = torch.cat(
+            [sq_dists(c, centres).kthvalue(k + 1, 1).values for c in centres.split(1000)]
+        )
+        inside = [(sq_dists(p, centres) <= radii).any(1) for p in points.split(1000)]
+        return torch.cat(inside).double().mean().item()
+
+    return covered(sam, ref), covered(ref, sam)  # precision, recall
 
 
 # ----------------------------------------------------------------------------------------------
 # Inputs: ADM .npz (arr_0 streamed in batches), statistics .npz, image folders
 
-STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")  # the ADM reference batch's precomputed statistics
 
-
-def _npz_images(path, batch_size):
-    """(count, iterator of (B, 3, H, W) uint8 batches) over arr_0 without loading it whole, as ADM."""
-    zf = zipfile.ZipFile(path)
-    f = zf.open("arr_0.npy")
-    read_header = {
-        (1, 0): np.lib.format.read_array_header_1_0,
-        (2, 0): np.lib.format.read_array_header_2_0,
-    }
-    shape, _, dtype = read_header[np.lib.format.read_magic(f)](f)
-    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
-        raise data.UserError(
-            f"{path}: arr_0 must be uint8 N x H x W x 3 images, got {dtype} {shape}"
-        )
+def npz_images(path, batch_size):
+    """(count, iterator of (B, 3, H, W) uint8 batches) over arr_0, never loaded whole (as ADM)."""
+    f = zipfile.ZipFile(path).open("arr_0.npy")
+    major, _ = np.lib.format.read_magic(f)  # .npy format 1.0 or 2.0 (bigger headers)
+    shape, _, dtype = getattr(np.lib.format, f"read_array_header_{major}_0")(f)
+    if dtype != np.uint8 or shape[3:] != (3,):  # N x H x W x 3
+        raise UserError(f"{path}: arr_0 must be uint8 N x H x W x 3 images, got {dtype} {shape}")
 
     def batches():
-        with zf, f:
-            for i in range(0, shape[0], batch_size):
-                b = min(batch_size, shape[0] - i)
-                arr = np.frombuffer(f.read(b * int(np.prod(shape[1:]))), np.uint8).reshape(
-                    b, *shape[1:]
-                )
-                yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)
+        with f:
+            for _ in range(0, shape[0], batch_size):  # the last read returns what is left
+                arr = np.frombuffer(f.read(batch_size * math.prod(shape[1:])), np.uint8)
+                yield torch.tensor(arr).view(-1, *shape[1:]).permute(0, 3, 1, 2)  # (B, 3, H, W)
 
     return shape[0], batches()
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Every image under a folder (recursive), optionally ADM center-cropped, as (3, H, W) uint8."""
-
-    def __init__(self, root, image_size=None):
-        self.files, self.image_size = data.list_images(root), image_size
-        if not self.files:
-            raise data.UserError(f"no images (png, jpg, jpeg, webp) found under {root}")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        img = data.load_image(self.files[i])
-        img = data.center_crop_arr(img, self.image_size) if self.image_size else img
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def _stack(batch):
-    if len({x.shape for x in batch}) > 1:
-        raise data.UserError(
+def load_images(files, image_size=None):
+    """Decode image files (in a DataLoader worker), center-cropped as ADM if image_size is set:
+    (B, 3, H, W) uint8."""
+    images = [data.load_image(f) for f in files]
+    images = [np.asarray(data.center_crop_arr(i, image_size) if image_size else i) for i in images]
+    if len({i.shape for i in images}) > 1:
+        raise UserError(
             "images differ in size; pass --image-size N to center-crop them all to N x N"
         )
-    return torch.stack(batch)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
 def open_images(path, args):
-    """(count, iterator of (B, 3, H, W) uint8 batches) from an image folder or an ADM .npz."""
+    """(count, iterator of (B, 3, H, W) uint8 batches) from an image folder (recursive) or an
+    ADM .npz."""
     if not os.path.isdir(path):
-        return _npz_images(path, args.batch_size)
-    ds = ImageFiles(path, args.image_size)
-    return len(ds), iter(
-        torch.utils.data.DataLoader(
-            ds, args.batch_size, num_workers=args.num_workers, collate_fn=_stack
-        )
+        return npz_images(path, args.batch_size)
+    files = data.list_images(path)
+    if not files:
+        raise UserError(f"no images (png, jpg, jpeg, webp) found under {path}")
+    # the file list is the dataset; the collate function decodes each batch in the workers
+    collate = partial(load_images, image_size=args.image_size)
+    return len(files), iter(
+        DataLoader(files, args.batch_size, num_workers=args.num_workers, collate_fn=collate)
     )
 
 
 @torch.no_grad()
 def extract(model, count, batches, args, desc):
-    """Images through the network -> dict of pool3 (N, 2048), spatial (N, 2023), logits (N, 1008)."""
-    out = {"pool3": [], "spatial": [], "logits": []}
+    """Images through the network -> pool3 (N, 2048) and spatial (N, 2023) features, numpy."""
+    feats = [], []
     with tqdm(total=count, desc=f"{desc} ({args.mode})", unit="img", disable=None) as bar:
         for x in batches:
-            for key, feats in zip(out, model(x.to(args.device), args.mode)):
-                out[key].append(feats.float().cpu())
+            for out, f in zip(feats, model(x.to(args.device), args.mode)):
+                out.append(f.float().cpu())
             bar.update(len(x))
-    return {k: torch.cat(v) for k, v in out.items()}
+    return [torch.cat(f).numpy() for f in feats]
 
 
-def statistics(feats, mode):
-    """What a statistics file holds: the ADM keys, pool3 (for P/R and IS), mode and count."""
-    (mu, sigma), (mu_s, sigma_s) = (
-        compute_statistics(feats["pool3"].numpy()),
-        compute_statistics(feats["spatial"].numpy()),
-    )
-    return dict(
-        mu=mu,
-        sigma=sigma,
-        mu_s=mu_s,
-        sigma_s=sigma_s,
-        pool3=feats["pool3"].numpy(),
-        mode=mode,
-        n=len(feats["pool3"]),
-    )
+def statistics(pool3, spatial, mode):
+    """What a statistics file holds: the ADM keys (FID on pool3, sFID on the spatial features),
+    pool3 itself for precision/recall and IS, the count and the preprocessing mode."""
+    moments = (*compute_statistics(pool3), *compute_statistics(spatial))  # mu, sigma, mu_s, sigma_s
+    return dict(zip(STAT_KEYS, moments), pool3=pool3, n=len(pool3), mode=mode)
 
 
 def load_set(path, model, args):
     """Statistics of a folder or .npz of images, or read from a statistics .npz (ADM's or ours)."""
-    if not os.path.exists(path):
-        raise data.UserError(f"{path} does not exist (expected an .npz file or an image folder)")
-    keys = []
     if not os.path.isdir(path):
         try:
             with np.load(path) as f:
-                keys = f.files
-                stats = {k: f[k] for k in f.files if k in STAT_KEYS + ("pool3", "mode", "n")}
+                stats = {k: f[k] for k in f.files if k != "arr_0"}
+                has_images = "arr_0" in f.files
         except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise data.UserError(
+            raise UserError(
                 f"cannot read {path} as .npz ({type(e).__name__}); expected .npz or a folder"
             )
-        if "arr_0" not in keys and not set(STAT_KEYS) <= set(keys):
-            raise data.UserError(f"{path} holds neither arr_0 images nor {', '.join(STAT_KEYS)}")
-    if "mu" not in keys:  # images: run them through the network
-        return statistics(
-            extract(model, *open_images(path, args), args, desc=os.path.basename(path)), args.mode
-        )
-    stats = {
-        "pool3": None,
-        "n": None,
-        "mode": "adm",
-        **stats,
-    }  # the ADM batch came from the TF graph
-    stats["mode"], stats["n"] = str(stats["mode"]), stats["n"] and int(stats["n"])
-    if (
-        stats["pool3"] is None and "arr_0" in keys
-    ):  # ADM reference: its 10k images serve precision/recall
-        stats["pool3"] = extract(
-            model, *_npz_images(path, args.batch_size), args, desc="reference arr_0"
-        )["pool3"].numpy()
-    if stats["mode"] != args.mode:
-        warnings.warn(
-            f"{path} holds statistics for mode {stats['mode']}, not {args.mode}: FIDs will be biased"
-        )
-    return stats
-
-
-def save_stats(stats, path):
-    """Write a statistics .npz atomically."""
-    with data.atomic_write(path) as f:
-        np.savez(f, **stats)
-    print(f"saved statistics of {stats['n']} images to {path}")
+        if set(STAT_KEYS) <= set(stats):  # precomputed: ADM's reference batch, or --save-stats
+            if "pool3" not in stats and has_images:  # ADM's: its 10k images serve for P/R
+                batches = npz_images(path, args.batch_size)
+                stats["pool3"] = extract(model, *batches, args, "reference arr_0")[0]
+            stats["mode"] = str(stats.get("mode", "adm"))  # the ADM batch came from the TF graph
+            if stats["mode"] != args.mode:
+                warnings.warn(
+                    f"{path} holds statistics for mode {stats['mode']}, not {args.mode}: "
+                    "FIDs will be biased"
+                )
+            return stats
+        if not has_images:
+            raise UserError(f"{path} holds neither arr_0 images nor {', '.join(STAT_KEYS)}")
+    pool3, spatial = extract(model, *open_images(path, args), args, os.path.basename(path))
+    return statistics(pool3, spatial, args.mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,31 +400,27 @@ def save_stats(stats, path):
 
 @torch.no_grad()
 def reconstruct(model, args):
-    """rFID: a folder and its VQ reconstructions through the Inception; PSNR and codebook usage."""
+    """rFID: statistics of a folder and of its VQ reconstructions; PSNR and codebook usage."""
     if args.vq_ckpt is None or len(args.paths) != 1 or not os.path.isdir(args.paths[0]):
-        raise data.UserError("--rfid needs --vq-ckpt CKPT and one image folder")
+        raise UserError("--rfid needs --vq-ckpt CKPT and one image folder")
     tokenizer = data.load_tokenizer(args.vq_ckpt, args.device)
     args.image_size = args.image_size or 256
     count, batches = open_images(args.paths[0], args)
     used = torch.zeros(tokenizer.config.codebook_size, dtype=torch.bool, device=args.device)
-    psnrs, is_recon = [], []
+    psnrs = []
 
-    def both():  # each batch: B originals then their B reconstructions, in one Inception pass
+    def pairs():  # each image, then its reconstruction: one Inception pass for both sets
         for x in batches:
             x = x.to(args.device)
             quant, _, indices = tokenizer.encode(x.float() / 127.5 - 1)
-            rec = data.to_uint8(tokenizer.decode(quant)).permute(
-                0, 3, 1, 2
-            )  # official rounding, on the cpu
             used[indices] = True
-            mse = (rec.float() - x.float().cpu()).pow(2).mean((1, 2, 3))  # per image, uint8 values
+            rec = data.to_uint8(tokenizer.decode(quant)).permute(0, 3, 1, 2).to(args.device)
+            mse = (rec.float() - x.float()).pow(2).mean((1, 2, 3))  # per image, on uint8 values
             psnrs.append(10 * torch.log10(255**2 / mse))
-            is_recon.append(torch.arange(2 * len(x)) >= len(x))
-            yield torch.cat([x, rec.to(args.device)])
+            yield torch.stack([x, rec], 1).flatten(0, 1)  # (2B, 3, H, W)
 
-    feats = extract(model, 2 * count, both(), args, desc="originals + reconstructions")
-    mask = torch.cat(is_recon)
-    originals, recon = ({k: v[m] for k, v in feats.items()} for m in (~mask, mask))
+    pool3, spatial = extract(model, 2 * count, pairs(), args, "originals + reconstructions")
+    originals, recon = (statistics(pool3[i::2], spatial[i::2], args.mode) for i in (0, 1))
     return originals, recon, torch.cat(psnrs).mean().item(), used.float().mean().item()
 
 
@@ -579,85 +444,75 @@ def parse_args(argv=None):
     p.add_argument(
         "--num-workers", type=int, default=2, help="image decoding processes for folders"
     )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="center-crop folder images to N x N (rFID: 256)",
-    )
+    p.add_argument("--image-size", type=int, help="center-crop folder images to N x N (rFID: 256)")
     p.add_argument(
         "--inception-weights",
-        default=None,
-        help="local pt_inception-2015-12-05-6726825d.pth, or "
-        "'random' (seeded random weights, no download: only for comparing runs made the same way)",
+        help="local pt_inception-2015-12-05-6726825d.pth, or 'random' (seeded random weights, "
+        "no download: only for comparing runs made the same way)",
     )
-    p.add_argument(
-        "--save-stats", default=None, help="write the last path's statistics (rFID: the originals')"
-    )
+    p.add_argument("--save-stats", help="write the last path's statistics (rFID: the originals')")
     p.add_argument(
         "--rfid",
         action="store_true",
         help="tokenizer rFID: reconstruct one folder through --vq-ckpt",
     )
-    p.add_argument("--vq-ckpt", default=None)
+    p.add_argument("--vq-ckpt")
     return p.parse_args(argv)
+
+
+METRIC_NAMES = dict(
+    fid="FID",
+    sfid="sFID",
+    inception_score="Inception Score",
+    precision="Precision",
+    recall="Recall",
+    psnr="PSNR (dB)",
+    codebook_usage="Codebook usage",
+)
 
 
 def main(args):
     if len(args.paths) > 2 or (len(args.paths) == 1 and not (args.save_stats or args.rfid)):
-        raise data.UserError(
-            "give REFERENCE SAMPLES, or one path with --save-stats PATH (or --rfid)"
-        )
+        raise UserError("give REFERENCE SAMPLES, or one path with --save-stats PATH (or --rfid)")
     for path in args.paths:  # before the weights download, so a typo costs nothing
         if not os.path.exists(path):
-            raise data.UserError(
+            raise UserError(
                 f"{path} not found (expected an .npz batch, a statistics .npz or an image folder)"
             )
-    if args.device.startswith("cuda"):
-        torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, as the reference graph
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, as the reference graph
     model = load_inception(args.inception_weights).to(args.device)
     # the label printed beside every number; random weights are never comparable with published FIDs
     label = args.mode + ("/random-weights" if args.inception_weights == "random" else "")
     results = {"mode": label}
     if args.rfid:
-        originals, recon, results["psnr"], results["codebook_usage"] = reconstruct(model, args)
-        ref, sam = statistics(originals, args.mode), statistics(recon, args.mode)
+        ref, sam, results["psnr"], results["codebook_usage"] = reconstruct(model, args)
     else:
-        sets = [load_set(p, model, args) for p in args.paths]
+        sets = [load_set(path, model, args) for path in args.paths]
         ref, sam = sets[0], sets[-1]
+    counts = [f"{s['n']} images" if "n" in s else "precomputed statistics" for s in (ref, sam)]
     if args.save_stats:
-        save_stats(ref if args.rfid else sam, args.save_stats)
+        with common.atomic_write(args.save_stats) as f:
+            np.savez(f, **(ref if args.rfid else sam))
+        print(f"saved statistics of {counts[0 if args.rfid else 1]} to {args.save_stats}")
     if len(args.paths) == 1 and not args.rfid:
         return results
-    results["fid"] = frechet_distance(ref["mu"], ref["sigma"], sam["mu"], sam["sigma"])
-    results["sfid"] = frechet_distance(ref["mu_s"], ref["sigma_s"], sam["mu_s"], sam["sigma_s"])
-    if not args.rfid and sam["pool3"] is not None:  # logits = pool3 @ fc.weight.T: pool3 is enough
+    for key, mu, sigma in [("fid", "mu", "sigma"), ("sfid", "mu_s", "sigma_s")]:
+        results[key] = frechet_distance(ref[mu], ref[sigma], sam[mu], sam[sigma])
+    if "pool3" in sam and not args.rfid:  # logits = pool3 @ fc.weight.T: pool3 is enough
         results["inception_score"] = inception_score(
-            torch.from_numpy(sam["pool3"]) @ model.fc.weight.detach().cpu().T
+            torch.as_tensor(sam["pool3"]) @ model.fc.weight.detach().cpu().T
         )
-    if ref["pool3"] is not None and sam["pool3"] is not None:
-        results["precision"], results["recall"] = precision_recall(
-            torch.from_numpy(ref["pool3"]), torch.from_numpy(sam["pool3"])
-        )
-    ref_n = f"{ref['n']} images" if ref["n"] else "precomputed statistics"
+    if "pool3" in ref and "pool3" in sam:
+        results["precision"], results["recall"] = precision_recall(ref["pool3"], sam["pool3"])
     what = f"tokenizer {args.vq_ckpt}: originals" if args.rfid else "reference"
-    print(
-        f"{what} {ref_n} | {'reconstructions' if args.rfid else 'samples'} {sam['n']} images | mode {label}"
-    )
-    names = dict(
-        fid="rFID" if args.rfid else "FID",
-        sfid="sFID",
-        inception_score="Inception Score",
-        precision="Precision",
-        recall="Recall",
-        psnr="PSNR (dB)",
-        codebook_usage="Codebook usage",
-    )
-    for key, name in names.items():
+    samples = "reconstructions" if args.rfid else "samples"
+    print(f"{what} {counts[0]} | {samples} {counts[1]} | mode {label}")
+    for key, name in METRIC_NAMES.items():
         if key in results:
+            name = "rFID" if args.rfid and key == "fid" else name
             print(f"{name + ' (' + label + ')':<28} {results[key]:.4f}")
     return results
 
 
 if __name__ == "__main__":
-    data.cli(main, parse_args)
+    common.cli(main, parse_args)

@@ -70,7 +70,8 @@ def main():
         for mode in fid.MODES:
             ips = bench_features(device, mode, args.batch_size, iters, args.image_size)
             print(
-                f"{device:5s} {mode:12s} batch {args.batch_size:4d}, {args.image_size}px: {ips:8.1f} images/s"
+                f"{device:5s} {mode:12s} batch {args.batch_size:4d}, {args.image_size}px: "
+                f"{ips:8.1f} images/s"
             )
     print(f"frechet_distance, 2048-dim, float64 numpy: {bench_frechet():.2f} s")
 

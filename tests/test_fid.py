@@ -10,6 +10,7 @@ pytorch-fid + torchvision installed (a throwaway venv, not a project dependency)
 """
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -23,11 +24,26 @@ pytestmark = __import__("pytest").mark.filterwarnings(
 
 
 def random_fid_weights(shapes: dict, seed: int = 0) -> dict:
-    """The recipe lives in fid.py (it also backs --inception-weights random); the reference file
-    records the checksum of the weights it was made with, so a change to the recipe fails the test."""
-    import fid
-
-    return fid.random_inception_weights(shapes, seed)
+    """Seeded random weights in the official layout (keys in sorted order, one draw each, He-init
+    convs). The reference file records the checksum of the weights it was made with, so a change
+    to this recipe fails test_matches_pytorch_fid instead of silently comparing other weights."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name.endswith("running_var"):  # positive BN variances
+            sd[name] = torch.rand(shape, generator=g) + 0.5
+            continue
+        r = torch.randn(shape, generator=g)
+        if name.endswith("conv.weight"):  # He init keeps activations O(1) through 94 conv layers
+            sd[name] = r * math.sqrt(2 / math.prod(shape[1:]))
+        elif name.endswith("bn.weight"):
+            sd[name] = 1 + 0.1 * r
+        elif name == "fc.weight":
+            sd[name] = 0.05 * r
+        else:  # bn.bias, bn.running_mean, fc.bias
+            sd[name] = 0.1 * r
+    return sd
 
 
 def reference_inputs():
@@ -44,7 +60,7 @@ def weights_checksum(sd):
 
 
 def make_reference():
-    """Run pytorch-fid's InceptionV3 (use_fid_inception=True) on `reference_inputs` and save outputs."""
+    """Run pytorch-fid's FID InceptionV3 on `reference_inputs` and save its outputs."""
     from pytorch_fid import inception as pfi
 
     net = (
@@ -154,7 +170,7 @@ def test_matches_pytorch_fid(net):
 
 
 def test_expected_key_layout_loads_strictly(tmp_path):
-    """The 472 keys of EVAL.md §1.1, derived from the architecture text, load; anything else fails."""
+    """The 472 keys of EVAL.md §1.1, derived from the architecture text, load; others fail."""
     convs = [
         ("Conv2d_1a_3x3", 3, 32, 3, 3),
         ("Conv2d_2a_3x3", 32, 32, 3, 3),
@@ -262,10 +278,11 @@ def test_expected_key_layout_loads_strictly(tmp_path):
 
 
 def test_tf1_resize_hand_cases():
-    """TF1 legacy bilinear: src = dst * float32(in/out), lo = floor, hi = min(lo + 1, in - 1), lerp."""
+    """TF1 legacy bilinear: src = dst * float32(in/out), lo = floor, hi = min(lo + 1, in - 1)."""
     # 2x2 -> 3x3: scale = f32(2/3) = 0.6666667; src = 0, 0.6666667, 1.3333334 -> (lo, hi, frac) =
     # (0,1,0), (0,1,0.6666667), (1,1,0.3333334). Row 0 [0,10]: 0, 0+10*0.6666667 = 6.666667, 10.
-    # Row 1 = row 0 + (row 2 - row 0) * 0.6666667 = 0+20*.6666667, 6.666667+20*.6666667, 10+20*.6666667.
+    # Row 1 = row 0 + (row 2 - row 0) * 0.6666667
+    #       = 0+20*.6666667, 6.666667+20*.6666667, 10+20*.6666667.
     x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]
     want = torch.tensor(
         [[0.0, 6.666667, 10.0], [13.333334, 20.0, 23.333334], [20.0, 26.666668, 30.0]]
@@ -280,7 +297,8 @@ def test_tf1_resize_hand_cases():
         rtol=0,
         atol=2e-6,
     )
-    # 3 -> 5 along x: scale = f32(3/5) = 0.6; src = 0, 0.6, 1.2, 1.8, 2.4 -> lo 0,0,1,1,2, hi clamps to 2;
+    # 3 -> 5 along x: scale = f32(3/5) = 0.6; src = 0, 0.6, 1.2, 1.8, 2.4 -> lo 0,0,1,1,2,
+    # hi clamps to 2;
     # values [0,10,20] -> 0, 6, 10+2 = 12, 10+8 = 18, 20 (hi = lo = 2)
     x = torch.tensor([0.0, 10.0, 20.0]).expand(3, 3)[None, None]
     torch.testing.assert_close(
@@ -330,7 +348,7 @@ def test_frechet_identical_and_diagonal():
 
 
 def test_frechet_ill_conditioned():
-    """tr (S1 S2)^1/2 with eigenvalues over 14 decades, against closed forms from a known Q diag(w) Q^T."""
+    """tr (S1 S2)^1/2, eigenvalues over 14 decades, vs closed forms from a known Q diag(w) Q^T."""
     rng = np.random.default_rng(1)
     q, _ = np.linalg.qr(rng.standard_normal((64, 64)))
     w, w2 = np.logspace(-12, 2, 64), np.logspace(1, -9, 64)
@@ -405,6 +423,22 @@ def test_missing_input_fails_before_any_download(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
+def test_random_weights_are_seeded_and_labelled(tmp_path, capsys):
+    """--inception-weights random: the same weights every run, activations of order one, and every
+    printed number labelled random-weights."""
+    a, b = fid.load_inception("random"), fid.load_inception("random")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with torch.no_grad():
+        pool3 = a(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))[0]
+    assert 1e-2 < pool3.std() < 1e2  # He init: no vanishing or exploding through 94 convs
+    folder = _write_pngs(tmp_path / "a", 4, 24, seed=0)
+    args = [str(folder), str(folder), "--device", "cpu", "--num-workers", "0"]
+    with pytest.warns(UserWarning, match="only 4 images"):
+        res = fid.main(fid.parse_args(args + ["--inception-weights", "random"]))
+    assert res["mode"] == "adm/random-weights" and abs(res["fid"]) < 1e-3
+    assert "FID (adm/random-weights)" in capsys.readouterr().out
+
+
 def _write_pngs(folder, n, size, seed):
     from PIL import Image
 
@@ -418,7 +452,7 @@ def _write_pngs(folder, n, size, seed):
 
 
 def test_npz_reference_with_precomputed_stats(net, weights_file, tmp_path, capsys):
-    """ADM layout: the reference's mu/sigma/mu_s/sigma_s are used as stored, its arr_0 only for P/R."""
+    """ADM layout: the reference's mu/sigma/mu_s/sigma_s are used as stored, arr_0 only for P/R."""
     rng = np.random.default_rng(0)
     samples = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=samples)
