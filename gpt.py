@@ -2,28 +2,31 @@
 or on T5 caption features (t2i), with 2D RoPE, a static KV cache and classifier-free guidance.
 
 Follows `autoregressive/models/gpt.py` and `generate.py` of FoundationVision/LlamaGen
-(arXiv 2406.06525); module names match the released checkpoints, so they load strictly.
+(arXiv 2406.06525, sections 2.2-2.3); module names match the released checkpoints, so they load
+with one strict `load_state_dict`.
 
     python -m pytest tests/test_gpt.py -q     # CPU, tiny configs, official reference outputs
-    python -c "import gpt, torch; m = gpt.GPT(gpt.GPTConfig.from_name('tiny', block_size=16)); print(gpt.generate(m, torch.tensor([1, 2]), cfg_scale=4.0))"
-    python -c "import gpt; print(gpt.GPT.from_checkpoint('c2i_B_384.pt').config)"   # any released GPT
 
-In code: `tokens = generate(model, labels, cfg_scale=2.0, compile=True)` compiles the decode step
-(`torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)`, CUDA graphs on a GPU).
+In Python, a released c2i_B_384.pt (official files do not record the image size, so the caller
+passes block_size = (image_size // VQ downsample) ** 2); compiling the decode step is the
+caller's choice, as in gpt-fast's `generate.py`:
+
+    model = GPT.from_checkpoint(torch.load("c2i_B_384.pt", weights_only=True), (384 // 16) ** 2)
+    tokens = generate(model, torch.tensor([207, 360]), cfg_scale=4.0, top_k=2000)  # (2, 576)
+    step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    tokens = generate(model, torch.tensor([207, 360]), cfg_scale=4.0, decode_fn=step)  # CUDA graphs
 """
 
 import math
-import re
 from collections import OrderedDict
-from dataclasses import dataclass, fields, replace
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-UNCOND_TOKENS = 120  # t2i null-caption rows, hard-coded in the official CaptionEmbedder
+UNCOND_TOKENS = 120  # t2i null-caption rows, hard-coded (`token_num=120`) in the CaptionEmbedder
 CE_CHUNK_ELEMENTS = 2**24  # logits per chunk of the memory-friendly loss (64 MB in fp32)
 
 # -----------------------------------------------------------------------------
@@ -37,9 +40,9 @@ class GPTConfig:
     dim: int = 4096
     n_layer: int = 32
     n_head: int = 32
-    n_kv_head: Optional[int] = None  # None = multi-head attention; fewer = grouped-query
+    n_kv_head: int | None = None  # None = multi-head attention; fewer = grouped-query
     multiple_of: int = 256  # FFN hidden size rounds up to this
-    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim_multiplier: float | None = None
     rope_base: float = 10000
     norm_eps: float = 1e-5
     initializer_range: float = 0.02
@@ -66,10 +69,11 @@ class GPTConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        h = int(2 * (4 * self.dim) / 3)
+        # Llama's SwiGLU width: 2/3 of 4 * dim, optionally scaled, rounded UP to multiple_of
+        hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
-            h = int(self.ffn_dim_multiplier * h)
-        return -(-h // self.multiple_of) * self.multiple_of
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return -(-hidden // self.multiple_of) * self.multiple_of
 
     @property
     def grid_size(self) -> int:
@@ -77,8 +81,8 @@ class GPTConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPTConfig":
-        """Preset by name ("GPT-XL" or "XL"), with field overrides."""
-        return cls(**{**GPT_CONFIGS[resolve_model_name(name)], **overrides})
+        """Preset by its exact name ("GPT-XL"; scripts resolve "XL" with common.preset)."""
+        return cls(**{**GPT_CONFIGS[name], **overrides})
 
 
 GPT_CONFIGS = {  # official GPT_models; parameter counts for c2i with vocab 16384
@@ -95,14 +99,6 @@ GPT_CONFIGS = {  # official GPT_models; parameter counts for c2i with vocab 1638
 }
 
 
-def resolve_model_name(name: str) -> str:
-    """'XL' -> 'GPT-XL'; unknown names raise ValueError listing the presets."""
-    for key in (name, f"GPT-{name}"):
-        if key in GPT_CONFIGS:
-            return key
-    raise ValueError(f"unknown GPT model {name!r}; choose one of {', '.join(GPT_CONFIGS)}")
-
-
 # -----------------------------------------------------------------------------
 # Building blocks
 
@@ -117,65 +113,52 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(
-            x
-        ) * self.weight
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
 
 
 def precompute_freqs_cis_2d(
     grid: int, head_dim: int, base: float, cls_token_num: int
 ) -> torch.Tensor:
     """2D RoPE table (cls_token_num + grid*grid, head_dim//2, 2) of (cos, sin), fp32 on the CPU."""
+    # head_dim/4 frequencies with the exponent over half = head_dim/2 (not head_dim), as official.
+    # device="cpu" explicitly: the model may be built under torch.device("meta") by the loader.
     half = head_dim // 2
     freqs = 1.0 / base ** (torch.arange(0, half, 2, device="cpu")[: half // 2].float() / half)
     t = torch.outer(torch.arange(grid, device="cpu").float(), freqs)  # (grid, hd/4)
-    angles = torch.cat(
-        [
-            t[:, None, :].expand(-1, grid, -1),  # row drives 1st half
-            t[None, :, :].expand(grid, -1, -1),
-        ],
-        dim=-1,
-    )  # col drives 2nd half
-    table = torch.stack([angles.cos(), angles.sin()], dim=-1).flatten(0, 1)  # (grid^2, hd/2, 2)
+    # cell p = (row i, col j), row-major like the VQ indices: the first half of the pairs turns
+    # with i = p // grid (rows repeated), the second half with j = p % grid (the table tiled)
+    angles = torch.cat([t.repeat_interleave(grid, 0), t.repeat(grid, 1)], dim=-1)  # (grid^2, hd/2)
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (grid^2, hd/2, 2)
     # Condition rows are all ZERO (cos = sin = 0), not the identity rotation: q and k at condition
     # positions are wiped in every layer. A quirk, but the released weights were trained with it.
     return torch.cat([torch.zeros(cls_token_num, half, 2, device="cpu"), table])
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2m], x[2m+1]) of x (B, S, H, hd) by freqs (S, hd/2, 2), in fp32."""
+    """Rotate interleaved pairs (x[2m], x[2m+1]) of x (B, S, H, hd) by freqs (S, hd/2, 2) of
+    (cos, sin), in fp32: (a cos - b sin, b cos + a sin)."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, hd/2, 2)
-    f = freqs.view(1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack(
-        [
-            xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
-            xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1],
-        ],
-        dim=-1,
-    )
-    return out.flatten(3).type_as(x)
+    cos, sin = freqs[:, None].unbind(-1)  # (S, 1, hd/2) each, broadcast over batch and heads
+    a, b = xs.unbind(-1)
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(3).type_as(x)
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample (timm DropPath, scale by keep)."""
-    if p == 0.0 or not training:
+def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Stochastic depth per sample (timm DropPath, scale by keep); p = 0 outside training."""
+    if p == 0.0:
         return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)
+    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p)  # x (B, S, dim): one draw per sample
     return x * keep / (1 - p)
 
 
 class KVCache(nn.Module):
-    """Static keys/values (B, n_kv_head, max_seq, hd); non-persistent buffers, never in state_dict()."""
+    """Static keys/values (B, n_kv_head, max_seq, hd); non-persistent, never in state_dict()."""
 
-    def __init__(self, batch, n_kv_head, max_seq, head_dim, dtype, device):
+    def __init__(self, shape, dtype, device):
         super().__init__()
-        shape = (batch, n_kv_head, max_seq, head_dim)
-        self.register_buffer(
-            "k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
-        )
-        self.register_buffer(
-            "v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
-        )
+        for name in ("k_cache", "v_cache"):
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), False)
 
     def update(self, input_pos, k, v, kv_len: int):
         """Write k, v (B, nkv, S, hd) at input_pos (S,); return the first kv_len positions."""
@@ -194,34 +177,23 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_head * self.hd, config.dim, bias=False)
         self.attn_dropout_p = config.attn_dropout_p
         self.resid_dropout = nn.Dropout(config.resid_dropout_p)
-        self.kv_cache: Optional[KVCache] = None
+        self.kv_cache: KVCache | None = None
 
     def forward(self, x, freqs, mask=None, input_pos=None, kv_len=None):
         B, S, _ = x.shape
-        q, k, v = self.wqkv(x).split(
-            [self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1
-        )
-        q = apply_rotary_emb(q.view(B, S, self.n_head, self.hd), freqs).transpose(
-            1, 2
-        )  # (B, nh, S, hd)
-        k = apply_rotary_emb(k.view(B, S, self.n_kv, self.hd), freqs).transpose(
-            1, 2
-        )  # (B, nkv, S, hd)
-        v = v.view(B, S, self.n_kv, self.hd).transpose(1, 2)
-        if input_pos is not None:  # cached inference: keys and values of the filled prefix
+        qkv = self.wqkv(x).view(B, S, self.n_head + 2 * self.n_kv, self.hd)
+        q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=2)  # (B, S, heads, hd)
+        q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, hd)
+        if kv_len is not None:  # generation: keys and values of the filled cache prefix
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)
             q = q.to(k.dtype)
         if self.n_kv != self.n_head:  # each kv head serves n_head / n_kv consecutive query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
+        dropout = self.attn_dropout_p if self.training else 0.0
         y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-        )
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout
+        )  # (B, nh, S, hd)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, -1)))
 
 
@@ -251,39 +223,37 @@ class Block(nn.Module):
         self.drop_path_p = drop_path_p
 
     def forward(self, x, freqs, mask=None, input_pos=None, kv_len=None):
-        a = self.attention(self.attention_norm(x), freqs, mask, input_pos, kv_len)
-        h = x + drop_path(a, self.drop_path_p, self.training)
-        return h + drop_path(self.feed_forward(self.ffn_norm(h)), self.drop_path_p, self.training)
+        p = self.drop_path_p if self.training else 0.0
+        h = x + drop_path(self.attention(self.attention_norm(x), freqs, mask, input_pos, kv_len), p)
+        return h + drop_path(self.feed_forward(self.ffn_norm(h)), p)
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> (B, 1, dim); row num_classes is the CFG null class."""
+    """Class label (B,) -> (B, 1, dim); dropped rows get the null class num_classes (CFG)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.num_classes, self.dropout_prob = config.num_classes, config.class_dropout_prob
-        self.embedding_table = nn.Embedding(
-            config.num_classes + int(config.class_dropout_prob > 0), config.dim
-        )
+        self.num_classes = config.num_classes  # the null row exists iff class dropout is on
+        rows = config.num_classes + int(config.class_dropout_prob > 0)
+        self.embedding_table = nn.Embedding(rows, config.dim)
 
-    def forward(self, labels, train: bool):
+    def forward(self, labels, drop=None):
         labels = labels.reshape(-1)
-        if train and self.dropout_prob > 0:  # drop to the null class for CFG training
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        if drop is not None:  # (B,) bool: official force_drop_ids / training's random drop
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels).unsqueeze(1)
 
 
 class CaptionEmbedder(nn.Module):
-    """T5 features (B, T, caption_dim) -> (B, T, dim); the null caption is a fixed random buffer."""
+    """T5 features (B, n_cond, caption_dim) -> (B, n_cond, dim); dropped rows get the null
+    caption, a fixed random buffer (padding mask unchanged, as official)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.dropout_prob = config.class_dropout_prob
         # never trained (a buffer), but stored in the checkpoints: CFG needs these exact values
         uncond = torch.randn(UNCOND_TOKENS, config.caption_dim) / config.caption_dim**0.5
         self.register_buffer("uncond_embedding", uncond)
-        self.cap_proj = nn.Sequential(
+        self.cap_proj = nn.Sequential(  # the official Mlp: keys cap_proj.fc1 / cap_proj.fc2
             OrderedDict(
                 fc1=nn.Linear(config.caption_dim, config.dim, bias=False),
                 act=nn.GELU(approximate="tanh"),
@@ -291,12 +261,10 @@ class CaptionEmbedder(nn.Module):
             )
         )
 
-    def forward(self, caption, train: bool):
-        if train and self.dropout_prob > 0:  # whole caption -> null caption (its mask is kept)
-            drop = torch.rand(caption.shape[0], device=caption.device) < self.dropout_prob
-            caption = torch.where(
-                drop[:, None, None], self.uncond_embedding[: caption.shape[1]], caption
-            )
+    def forward(self, caption, drop=None):
+        if drop is not None:  # the projection comes after the replacement (official)
+            null = self.uncond_embedding[: caption.shape[1]]
+            caption = torch.where(drop[:, None, None], null, caption)
         return self.cap_proj(caption.to(self.cap_proj.fc1.weight.dtype))
 
 
@@ -315,18 +283,18 @@ class GPT(nn.Module):
                 f"divisible by n_head {config.n_head}"
             )
         self.config = config
-        self.cls_embedding = (
-            LabelEmbedder(config) if config.model_type == "c2i" else CaptionEmbedder(config)
-        )
+        c2i = config.model_type == "c2i"
+        self.cls_embedding = LabelEmbedder(config) if c2i else CaptionEmbedder(config)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
-        rates = [
-            config.drop_path_rate * i / max(config.n_layer - 1, 1) for i in range(config.n_layer)
-        ]
-        self.layers = nn.ModuleList(Block(config, p) for p in rates)
+        n = config.n_layer  # drop-path rate grows linearly with depth, 0 at the first block
+        self.layers = nn.ModuleList(
+            Block(config, config.drop_path_rate * i / max(n - 1, 1)) for i in range(n)
+        )
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        # plain fp32 attribute (not a buffer): absent from state_dict(), untouched by .to(bf16)
+        # A plain fp32 attribute, as official: absent from state_dict(), untouched when the model
+        # is cast to bf16 (a buffer would be rounded), moved to the input's device by `transform`.
         self.freqs_cis = precompute_freqs_cis_2d(
             config.grid_size, config.head_dim, config.rope_base, config.cls_token_num
         )
@@ -337,256 +305,164 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)  # the RoPE table follows the model's device, stays fp32
-        self.freqs_cis = self.freqs_cis.to(self.tok_embeddings.weight.device)
-        return self
-
-    def _rope(self, device):
-        if self.freqs_cis.device != device:
-            self.freqs_cis = self.freqs_cis.to(device)
-        return self.freqs_cis
-
-    def _mask(self, q_pos, kv_len: int, keep=None):
-        """Bool mask (B|1, 1, S, kv_len): causal, text keys gated by keep (N, >=kv_len), diagonal on."""
-        k_pos = torch.arange(kv_len, device=q_pos.device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # (S, kv_len)
-        if keep is not None:
-            mask = mask & (
-                keep[:, None, :kv_len] | (k_pos[None, :] == q_pos[:, None])
-            )  # (B, S, kv)
-        return mask.unsqueeze(-3) if mask.ndim == 3 else mask[None, None]
+    def transform(self, x, pos, emb_mask=None, kv_len=None):
+        """Embeddings x (B, S, dim) at positions pos (S,) -> final-norm hidden states (B, S, dim).
+        Training passes the whole sequence; generation passes kv_len: the layers then write their
+        KV caches at pos and attend over the first kv_len cache positions."""
+        mask = None  # None: SDPA's is_causal path (training without captions)
+        if emb_mask is not None or kv_len is not None:
+            k_pos = torch.arange(kv_len or len(pos), device=pos.device)
+            mask = (k_pos <= pos[:, None])[None, None]  # (1, 1, S, kv_len): causal
+            if emb_mask is not None:  # (B, n_cond): hide padded caption keys, but a position
+                # always sees itself (official: the diagonal is forced on, no row fully masked)
+                keys = F.pad(emb_mask.bool(), (0, len(k_pos) - emb_mask.shape[1]), value=True)
+                mask = mask & (keys[:, None, None] | (k_pos == pos[:, None]))  # (B, 1, S, kv)
+        self.freqs_cis = self.freqs_cis.to(x.device)  # the one place the table moves (official)
+        freqs = self.freqs_cis[pos]
+        for layer in self.layers:
+            x = layer(x, freqs, mask, pos, kv_len)
+        return self.norm(x)
 
     def forward(
         self,
         idx: torch.Tensor,
         cond: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        emb_mask: Optional[torch.Tensor] = None,
-        valid: Optional[torch.Tensor] = None,
-        return_logits: bool = True,
+        targets=None,
+        emb_mask=None,
+        valid=None,
+        return_logits=True,
     ):
-        """idx (B, S) with S < block_size -> (logits (B, S+1, V) fp32 | None, loss | None)."""
+        """idx (B, S) with S < block_size -> (logits (B, S+1, V) fp32 | None, loss | None).
+
+        cond: labels (B,) or caption features (B, n_cond, caption_dim) with emb_mask (B, n_cond)
+        (1 = a real caption token); valid (B,) zeroes the loss of bad t2i records; without
+        return_logits the loss is computed in checkpointed chunks (no full fp32 logits)."""
         c = self.config
         B, S = idx.shape
         if S >= c.block_size:
             raise ValueError(f"idx has {S} tokens; at most block_size - 1 = {c.block_size - 1} fit")
-        cond_emb = self.cls_embedding(cond, train=self.training)[
-            :, : c.cls_token_num
-        ]  # (B, T, dim)
-        h = self.tok_dropout(
-            torch.cat([cond_emb, self.tok_embeddings(idx)], dim=1)
-        )  # (B, T+S, dim)
-        pos = torch.arange(h.shape[1], device=h.device)
-        keep = None
-        if emb_mask is not None:  # t2i left padding: hide padded text keys (uncond half reuses it)
-            keep = torch.cat([emb_mask.bool(), emb_mask.new_ones(B, S, dtype=torch.bool)], dim=1)
-        mask = None if keep is None else self._mask(pos, h.shape[1], keep)
-        freqs = self._rope(h.device)[: h.shape[1]]
-        for layer in self.layers:
-            h = layer(h, freqs, mask)
-        h = self.norm(h)[:, c.cls_token_num - 1 :]  # (B, S+1, dim)
+        drop = None  # class dropout for CFG training: a label or caption becomes the null one
+        if self.training and c.class_dropout_prob > 0:
+            drop = torch.rand(B, device=idx.device) < c.class_dropout_prob
+        cond_emb = self.cls_embedding(cond, drop)[:, : c.cls_token_num]
+        # token dropout acts on the whole sequence, condition included (official)
+        h = self.tok_dropout(torch.cat([cond_emb, self.tok_embeddings(idx)], 1))  # (B, n+S, dim)
+        h = self.transform(h, torch.arange(h.shape[1], device=h.device), emb_mask)
+        # the last condition position predicts image token 0: exactly S+1 outputs
+        h = h[:, c.cls_token_num - 1 :]  # (B, S+1, dim)
+        logits = self.output(h).float() if return_logits else None  # (B, S+1, V)
         if targets is None:
-            return self.output(h).float(), None
-        weight = (
-            torch.ones_like(targets, dtype=torch.float32)
-            if valid is None
-            else valid.float()[:, None].expand_as(targets)
-        )  # (B, S+1)
-        denom = weight.sum().clamp(min=1)
-        if return_logits:
-            logits = self.output(h).float()
-            ce = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1).long(), reduction="none")
-            return logits, (ce * weight.reshape(-1)).sum() / denom
-        return None, self._chunked_ce(
-            h.flatten(0, 1), targets.reshape(-1).long(), weight.reshape(-1)
-        ) / denom
+            return logits, None
+        # Memory: fp32 logits of B x 256 x 16384 are 4 GB for B = 256. The loss is summed over
+        # chunks of rows, each recomputed in the backward pass (checkpoint), so at most one chunk
+        # of logits is alive; with return_logits=False the full logits are never made.
+        rows = max(1, CE_CHUNK_ELEMENTS // c.vocab_size)
+        # per-token weight: 1, or the record's valid flag (t2i: bad records count 0)
+        weight = torch.ones(B, device=h.device) if valid is None else valid.float()
+        weight = weight.repeat_interleave(S + 1)  # (B*(S+1),) like the flattened targets
+        chunks = zip(
+            h.flatten(0, 1).split(rows), targets.flatten().long().split(rows), weight.split(rows)
+        )
+        loss = sum(checkpoint(self._ce_sum, *chunk, use_reentrant=False) for chunk in chunks)
+        # mean over the weighted tokens (official: divided by max(number of valid tokens, 1))
+        return logits, loss / weight.sum().clamp(min=1)
 
-    def _chunked_ce(self, h, targets, weight):
-        """Sum of weighted CE over rows of h (N, dim), never holding more than one fp32 logits chunk."""
-
-        def chunk_loss(h, t, w):
-            return (F.cross_entropy(self.output(h).float(), t, reduction="none") * w).sum()
-
-        rows = max(1, CE_CHUNK_ELEMENTS // self.config.vocab_size)
-        total = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, h.shape[0], rows):
-            args = (h[i : i + rows], targets[i : i + rows], weight[i : i + rows])
-            total = total + (
-                checkpoint(chunk_loss, *args, use_reentrant=False)
-                if h.requires_grad
-                else chunk_loss(*args)
-            )
-        return total
+    def _ce_sum(self, h, targets, weight):
+        """Weighted sum of the cross-entropy of rows h (N, dim) against targets (N,)."""
+        return (F.cross_entropy(self.output(h).float(), targets, reduction="none") * weight).sum()
 
     # ---- cached inference -------------------------------------------------------------------
 
     def setup_caches(self, batch: int, max_seq: int, dtype: torch.dtype, device: torch.device):
-        """Give every layer a static KVCache; reuses matching ones (compiled decode needs fixed buffers)."""
+        """Give every layer a static KVCache; matching ones are kept (a compiled decode replays
+        CUDA graphs on the same buffers)."""
+        shape = (batch, self.config.kv_heads, max_seq, self.config.head_dim)
         for layer in self.layers:
             old = layer.attention.kv_cache
-            if (
-                old is None
-                or old.k_cache.shape[::2] != (batch, max_seq)
-                or old.k_cache.dtype != dtype
-                or old.k_cache.device != torch.device(device)
-            ):
-                layer.attention.kv_cache = KVCache(
-                    batch, self.config.kv_heads, max_seq, self.config.head_dim, dtype, device
-                )
+            want = (shape, dtype, device)
+            if old is None or (old.k_cache.shape, old.k_cache.dtype, old.k_cache.device) != want:
+                layer.attention.kv_cache = KVCache(shape, dtype, device)
 
     def teardown_caches(self):
         """Free the KV caches."""
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def forward_step(self, x, input_pos, kv_len: int, keep=None):
-        """Cached forward of embeddings x (B, S, dim) at input_pos (S,) -> last-position logits (B, V)."""
-        mask = self._mask(input_pos, kv_len, keep)
-        freqs = self._rope(x.device)[input_pos]
-        for layer in self.layers:
-            x = layer(x, freqs, mask, input_pos, kv_len)
-        return self.output(self.norm(x[:, -1])).float()
-
     # ---- checkpoints ------------------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(
-        cls,
-        path_or_obj,
-        image_size: Optional[int] = None,
-        block_size: Optional[int] = None,
-        prefer_ema: bool = True,
-        config: Optional[GPTConfig] = None,
-    ) -> "GPT":
-        """Load our checkpoint or any official container (model/module/state_dict/raw FSDP) in eval mode."""
-        obj, name = path_or_obj, ""
-        if not isinstance(obj, dict):
-            name = str(obj)
-            try:
-                obj = torch.load(name, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-                obj = torch.load(name, map_location="cpu", weights_only=True)
-        sd = unwrap_state_dict(obj, prefer_ema)
-        if any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in sd):
-            raise ValueError(f"{name or 'this checkpoint'} is a VQ tokenizer, not a GPT")
-        if config is None and isinstance(obj.get("config"), dict):  # our own file
-            known = {f.name for f in fields(GPTConfig)}
-            config = GPTConfig(**{k: v for k, v in obj["config"].items() if k in known})
-        if config is None:
-            config = infer_config(sd)
-            m = re.search(r"_(\d+)(?:\.\w+)?$", name)  # c2i_B_384.pt, t2i_XL_stage1_256.pt
-            if block_size is None and image_size is None and m is None:
-                raise ValueError(
-                    f"cannot tell the image size of {name or 'this state dict'}; "
-                    "pass image_size= (e.g. 384 for c2i_*_384.pt) or block_size="
-                )
-            image_size = image_size or (int(m.group(1)) if m else None)
-        if block_size is not None or image_size is not None:  # official GPTs use the ds16 VQ
-            config = replace(config, block_size=block_size or (image_size // 16) ** 2)
+    def from_checkpoint(cls, ckpt: dict, block_size: int | None = None) -> "GPT":
+        """A loaded checkpoint -> GPT in eval mode. Ours carries its config and prefers "ema";
+        an official file ("model" / "module" / "state_dict" / a raw state dict, FSDP prefixes)
+        gets its config from the tensor shapes, and block_size = (image_size // downsample)**2
+        from the caller, since the file does not record its image size."""
+        sd = next(
+            (
+                ckpt[k]
+                for k in ("ema", "model", "module", "state_dict")
+                if isinstance(ckpt.get(k), dict)
+            ),
+            ckpt,
+        )
+        # drop wrappers' prefixes (torch.compile, DDP) and non-weights some official files carry
+        sd = {
+            k.removeprefix("_orig_mod.").removeprefix("module."): v
+            for k, v in sd.items()
+            if torch.is_tensor(v) and not k.endswith("freqs_cis") and ".kv_cache." not in k
+        }
+        if "tok_embeddings.weight" not in sd:
+            vq = any(k.startswith(("encoder.", "quantize.")) for k in sd)
+            raise ValueError(
+                "this is a VQ tokenizer checkpoint, not a GPT"
+                if vq
+                else "not a GPT checkpoint (no tok_embeddings.weight)"
+            )
+        ours = isinstance(ckpt.get("config"), dict)
+        config = GPTConfig(**ckpt["config"]) if ours else config_from_state_dict(sd, block_size)
         with torch.device("meta"):  # no init cost: every tensor comes from the file
             model = cls(config)
-        load_gpt_state_dict(model, sd, assign=True)
+        try:  # strict: every tensor present, none extra, all shapes equal
+            model.load_state_dict(sd, assign=True)
+        except RuntimeError as e:  # torch lists every problem; the first one names the key
+            first = str(e).splitlines()[1].strip()[:200]
+            raise ValueError(
+                f"checkpoint does not fit a {config.model_type} GPT with dim {config.dim}, "
+                f"{config.n_layer} layers, vocab {config.vocab_size}: {first}"
+            ) from None
         return model.eval()
 
 
-# -----------------------------------------------------------------------------
-# Checkpoint helpers
-
-
-def unwrap_state_dict(obj: dict, prefer_ema: bool = True) -> dict:
-    """State dict from any container, minus known harmless extras (freqs_cis, kv caches)."""
-    order = (
-        ("ema", "model", "module", "state_dict")
-        if prefer_ema
-        else ("model", "module", "state_dict", "ema")
-    )
-    sd = next((obj[k] for k in order if isinstance(obj.get(k), dict)), obj)
-    return {
-        k.removeprefix("_orig_mod.").removeprefix("module."): v
-        for k, v in sd.items()
-        if k != "freqs_cis" and ".kv_cache." not in k and torch.is_tensor(v)
-    }
-
-
-def describe_state_dict(sd: dict) -> str:
-    """Best guess of what a state dict holds, e.g. 'GPT-L c2i (dim 1024, 24 layers, vocab 16384)'."""
-    if any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in sd):
-        return "a VQ tokenizer, not a GPT"
-    try:
-        c = infer_config(sd)
-    except ValueError as e:
-        return str(e)
-    name = next(
-        (n for n, p in GPT_CONFIGS.items() if (p["dim"], p["n_layer"]) == (c.dim, c.n_layer)), "GPT"
-    )
-    cond = f"{c.num_classes} classes" if c.model_type == "c2i" else f"caption_dim {c.caption_dim}"
-    return f"{name} {c.model_type} (dim {c.dim}, {c.n_layer} layers, vocab {c.vocab_size}, {cond})"
-
-
-def infer_config(sd: dict) -> GPTConfig:
-    """GPTConfig from tensor shapes (dim, layers, vocab, c2i/t2i); n_head from the matching preset."""
-    if "tok_embeddings.weight" not in sd:
-        raise ValueError("not a GPT state dict (no tok_embeddings.weight)")
-    vocab, dim = sd["tok_embeddings.weight"].shape
-    n_layer = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
-    preset = next(
-        (p for p in GPT_CONFIGS.values() if (p["dim"], p["n_layer"]) == (dim, n_layer)),
-        dict(dim=dim, n_layer=n_layer, n_head=max(1, dim // 64)),
-    )
-    if "cls_embedding.cap_proj.fc1.weight" in sd:
-        return GPTConfig(
-            **preset,
-            vocab_size=vocab,
-            model_type="t2i",
-            cls_token_num=UNCOND_TOKENS,
-            caption_dim=sd["cls_embedding.cap_proj.fc1.weight"].shape[1],
-        )
-    rows = sd["cls_embedding.embedding_table.weight"].shape[0]
-    return GPTConfig(**preset, vocab_size=vocab, num_classes=rows - 1)
-
-
-def load_gpt_state_dict(model: GPT, sd: dict, assign: bool = False) -> None:
-    """Strict load; on mismatch one ValueError naming missing/unexpected/mis-shaped keys and a guess."""
-    sd = unwrap_state_dict(sd)
-    want = model.state_dict()
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-        for k, v in want.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        c = model.config
-        parts = [
-            f"{len(x)} {what} ({', '.join(x[:3])}{', ...' if len(x) > 3 else ''})"
-            for what, x in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("mis-shaped", shapes),
-            )
-            if x
-        ]
+def config_from_state_dict(sd: dict, block_size: int | None) -> GPTConfig:
+    """An official file's GPTConfig: vocab, dim, depth and c2i/t2i from the tensor shapes; n_head
+    from the preset of that dim and depth (shapes cannot tell heads apart); block_size from the
+    caller, who knows the image size and the tokenizer."""
+    if block_size is None:
         raise ValueError(
-            f"checkpoint does not fit the {c.model_type} GPT (dim {c.dim}, {c.n_layer} layers, "
-            f"vocab {c.vocab_size}): {'; '.join(parts)}; this looks like {describe_state_dict(sd)}"
+            "an official GPT file does not record its image size: pass "
+            "block_size = (image_size // downsample) ** 2"
         )
-    model.load_state_dict(sd, strict=True, assign=assign)
+    vocab, dim = sd["tok_embeddings.weight"].shape
+    n_layer = sum(k.endswith(".attention.wqkv.weight") for k in sd)
+    preset = next(
+        (p for p in GPT_CONFIGS.values() if (p["dim"], p["n_layer"]) == (dim, n_layer)), None
+    )
+    if preset is None:
+        raise ValueError(f"no GPT preset has dim {dim} and {n_layer} layers")
+    caption = sd.get("cls_embedding.cap_proj.fc1.weight")  # (dim, caption_dim): t2i only
+    if caption is None:  # c2i: the label table has the classes plus the null class
+        cond = dict(num_classes=len(sd["cls_embedding.embedding_table.weight"]) - 1)
+    else:
+        cond = dict(model_type="t2i", cls_token_num=UNCOND_TOKENS, caption_dim=caption.shape[1])
+    return GPTConfig(**preset, **cond, vocab_size=vocab, block_size=block_size)
 
 
 # -----------------------------------------------------------------------------
-# Sampling
+# Sampling (official generate.py)
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """One token per row of logits (B, V) -> (B, 1); top-k keeps ties, top-p keeps the first token past p (HF)."""
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None) -> torch.Tensor:
+    """One token per row of logits (B, V) -> (B, 1); top-k keeps ties, top-p keeps the first
+    token past p (the HF filter the official code uses)."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
@@ -594,27 +470,20 @@ def sample(
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         drop = sorted_logits.softmax(-1).cumsum(-1) > top_p
-        drop = torch.cat([torch.zeros_like(drop[..., :1]), drop[..., :-1]], dim=-1)  # shift right
+        drop = F.pad(drop[..., :-1], (1, 0))  # shift right: keep the first token past top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -float("inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
-def guide(logits: torch.Tensor, cfg_scale: float, use_cfg: bool) -> torch.Tensor:
-    """Rows [cond; uncond] (2B, V) -> uncond + s * (cond - uncond), or cond alone (B, V)."""
+def decode_one_token(model: GPT, x, input_pos, kv_len: int, emb_mask, cfg_scale, use_cfg: bool):
+    """Embeddings x (N, S, dim) at input_pos (S,) -> logits of the last position (B, V), guided:
+    rows [cond; uncond] -> uncond + s * (cond - uncond), or cond alone once past cfg_interval
+    (both halves are still computed, as official). Safe to torch.compile(fullgraph=True)."""
+    logits = model.output(model.transform(x, input_pos, emb_mask, kv_len)[:, -1]).float()
+    if cfg_scale <= 1.0:
+        return logits
     cond, uncond = logits.chunk(2)
     return uncond + (cond - uncond) * cfg_scale if use_cfg else cond
-
-
-def decode_one_token(model: GPT, x, input_pos, kv_len: int, keep, cfg_scale: float, use_cfg: bool):
-    """One decode step: token x (B, 1) at input_pos (1,) -> guided logits (B, V). Safe to torch.compile."""
-    guided = cfg_scale > 1.0
-    logits = model.forward_step(
-        model.tok_embeddings(torch.cat([x, x]) if guided else x), input_pos, kv_len, keep
-    )
-    return guide(logits, cfg_scale, use_cfg) if guided else logits
-
-
-_compiled_decode = None
 
 
 @torch.no_grad()
@@ -623,76 +492,47 @@ def generate(
     cond: torch.Tensor,
     cfg_scale: float = 1.0,
     cfg_interval: float = -1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    emb_mask: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    compile: bool = False,
+    emb_mask: torch.Tensor | None = None,
+    decode_fn=None,
+    **sampling,
 ) -> torch.Tensor:
-    """Sample (B, block_size) int64 image tokens for labels (B,) or captions (B, T, caption_dim)."""
-    global _compiled_decode
-    c, B, device = model.config, cond.shape[0], cond.device
-    T, L = c.cls_token_num, c.block_size
-    if c.model_type == "t2i" and tuple(cond.shape[1:]) != (T, c.caption_dim):
-        raise ValueError(f"t2i cond must be (B, {T}, {c.caption_dim}), got {tuple(cond.shape)}")
-    guided = cfg_scale > 1.0
-    if guided and c.model_type == "c2i" and c.class_dropout_prob <= 0:
+    """Sample (B, block_size) int64 image tokens for labels (B,) or captions (B, n_cond,
+    caption_dim) with emb_mask (B, n_cond); **sampling: temperature, top_k, top_p, generator.
+    decode_fn: a torch.compile'd `decode_one_token` (gpt-fast); it then attends over the whole
+    (masked) cache so shapes stay static for CUDA graphs, and the caches stay for the next call."""
+    c, device = model.config, cond.device
+    n_cond, L = c.cls_token_num, c.block_size
+    t2i, guided = c.model_type == "t2i", cfg_scale > 1.0
+    if t2i and tuple(cond.shape[1:]) != (n_cond, c.caption_dim):
         raise ValueError(
-            "cfg_scale > 1 needs the null class, which only exists when class_dropout_prob > 0"
+            f"t2i cond must be (B, {n_cond}, {c.caption_dim}), got {tuple(cond.shape)}"
         )
-    if guided:  # batch [cond; null]: null class, or the stored null caption
-        null = (
-            torch.full_like(cond, c.num_classes)
-            if c.model_type == "c2i"
-            else model.cls_embedding.uncond_embedding[:T].to(cond.dtype).expand_as(cond)
-        )
-        cond = torch.cat([cond, null])
-    keep = None  # (N, T + L - 1) visible keys; the uncond half reuses the cond padding mask
-    if emb_mask is not None and c.model_type == "t2i":
-        keep = torch.cat(
-            [emb_mask.bool(), torch.ones(B, L - 1, dtype=torch.bool, device=device)], dim=1
-        )
-        keep = torch.cat([keep, keep]) if guided else keep
-    dtype = (
-        torch.get_autocast_dtype(device.type)
-        if torch.is_autocast_enabled(device.type)
-        else model.tok_embeddings.weight.dtype
-    )
-    max_seq = T + L - 1  # the last token is never fed back
+    if guided and not t2i and c.class_dropout_prob <= 0:
+        raise ValueError("cfg_scale > 1 needs the null class (class_dropout_prob > 0)")
+    # guidance doubles the batch to [cond; null]: the null class, or the stored null caption;
+    # a t2i uncond row keeps the cond row's padding mask (official)
+    B, copies = len(cond), 1 + guided
+    cond = torch.cat([cond] * copies)
+    emb_mask = torch.cat([emb_mask] * copies) if t2i and emb_mask is not None else None
+    max_seq = n_cond + L - 1  # the last token is never fed back
     was_training = model.training
-    model.eval()
-    model.setup_caches(cond.shape[0], max_seq, dtype, device)
-    step = decode_one_token
-    if compile:  # static shapes (attend over the whole masked buffer) so CUDA graphs can replay
-        _compiled_decode = _compiled_decode or torch.compile(
-            decode_one_token, mode="reduce-overhead", fullgraph=True
-        )
-        step = _compiled_decode
-    try:
-        prefill_pos = torch.arange(T, device=device)
-        logits = model.forward_step(
-            model.cls_embedding(cond, train=False)[:, :T], prefill_pos, T, keep
-        )
-        tok = sample(
-            guide(logits, cfg_scale, True) if guided else logits,
-            temperature,
-            top_k,
-            top_p,
-            generator,
-        )
-        tokens = [tok]
-        positions = torch.arange(T, max_seq, device=device)
-        for i in range(L - 1):
-            use_cfg = not (
-                cfg_interval > -1 and i > cfg_interval
-            )  # official: float compare, prefill always guided
-            kv_len = max_seq if compile else T + i + 1  # eager: only the filled prefix
-            logits = step(model, tok, positions[i : i + 1], kv_len, keep, cfg_scale, use_cfg)
-            tok = sample(logits, temperature, top_k, top_p, generator)
-            tokens.append(tok)
+    model.eval()  # caches in the weights' dtype (official: bf16 when the model is cast to bf16)
+    model.setup_caches(len(cond), max_seq, model.tok_embeddings.weight.dtype, device)
+    x = model.cls_embedding(cond, torch.arange(len(cond), device=device) >= B)[:, :n_cond]
+    pos, tokens, start = torch.arange(max_seq, device=device), [], 0
+    try:  # step 0 (prefill) runs the condition positions; step i feeds token i - 1 back in
+        for i in range(L):
+            end = n_cond + i  # positions start..end-1 are filled after this step
+            use_cfg = cfg_interval <= -1 or i - 1 <= cfg_interval  # official float compare
+            # eager attends over the filled prefix; compiled over the whole (masked) cache with
+            # fixed shapes, so CUDA graphs can replay (the prefill's shape differs: eager too)
+            eager = decode_fn is None or i == 0
+            step, kv_len = (decode_one_token, end) if eager else (decode_fn, max_seq)
+            logits = step(model, x, pos[start:end], kv_len, emb_mask, cfg_scale, use_cfg)
+            tokens.append(sample(logits, **sampling))  # (B, 1)
+            x, start = model.tok_embeddings(torch.cat([tokens[-1]] * copies)), end  # both halves
     finally:
-        if not compile:  # compiled graphs keep the same cache buffers for the next call
+        if decode_fn is None:  # compiled graphs keep the same cache buffers for the next call
             model.teardown_caches()
         model.train(was_training)
-    return torch.cat(tokens, dim=1).long()
+    return torch.cat(tokens, dim=1)

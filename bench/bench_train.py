@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import data  # noqa: E402
-from gpt import GPT, GPTConfig, resolve_model_name  # noqa: E402
+from gpt import GPT, GPT_CONFIGS, GPTConfig  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -100,7 +101,7 @@ def main(args):
         f"{'full logits' if args.full_logits else 'chunked CE'}{', compiled' if args.compile else ''}"
     )
     for model, batch in zip(args.models, sizes):
-        bench(resolve_model_name(model), batch, args, device, precision)
+        bench(common.preset(GPT_CONFIGS, model), batch, args, device, precision)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import data
 import gpt
 import train_gpt
@@ -102,7 +103,7 @@ def losses(run_dir):
 
 
 def final(run_dir):
-    return data.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    return common.load_checkpoint(run_dir / "checkpoints" / "last.pt")
 
 
 def assert_state_close(a, b, exact=False):
@@ -140,22 +141,9 @@ def test_overfits_toy_codes(tmp_path):
     assert log[-1] < 0.3, log[-1]  # memorised, far below ln(64) = 4.16
 
 
-def test_chunked_loss_equals_full_logits():
-    torch.manual_seed(0)
-    model = gpt.GPT(gpt.GPTConfig.from_name("tiny", vocab_size=64, block_size=16, num_classes=4))
-    torch.nn.init.normal_(model.output.weight, std=0.1)
-    z, y = torch.randint(0, 64, (3, 16)), torch.tensor([0, 1, 2])
-    model.eval()
-    logits, full = model(z[:, :-1], y, targets=z)
-    none, chunked = model(z[:, :-1], y, targets=z, return_logits=False)
-    assert none is None
-    torch.testing.assert_close(chunked, full)
-    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), z.flatten())
-    torch.testing.assert_close(chunked, ref)
-
-
 def test_resume_is_exact(tmp_path):
-    """Stop mid-epoch and at an epoch boundary; resumed runs end bit-identical (dropout and EMA on)."""
+    """Stop mid-epoch and at an epoch boundary; resumed runs end bit-identical (dropout, EMA
+    on)."""
     make_codes(tmp_path / "codes", n=24)
     flags = (
         "--max-steps",
@@ -178,9 +166,8 @@ def test_resume_is_exact(tmp_path):
     )
     run_dir = run(tmp_path, "r", *flags)
     whole = final(run_dir)
-    assert (
-        whole["step"] == 8 and whole["epoch"] == 1 and whole["batch_in_epoch"] == 2
-    )  # 6 steps per epoch
+    epochs = [json.loads(x)["epoch"] for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert whole["step"] == 8 and epochs == [0] * 6 + [1] * 2  # 6 steps per epoch
     keep = tmp_path / "keep"
     shutil.copytree(run_dir / "checkpoints", keep)
     for start in (keep / "0000003.pt", run_dir / "checkpoints" / "0000006.pt"):
@@ -246,24 +233,27 @@ def test_two_processes_match_one(tmp_path, mode, vq_ckpt):
             str(keep / "0000002.pt"),
         )
         assert_state_close(final(two)["model"], whole["model"], exact=True)
-        gpt.GPT.from_checkpoint(two / "checkpoints" / "last.pt")  # same format, no special flag
+        gpt.GPT.from_checkpoint(final(two))  # same format, no special flag
         assert (two / "samples" / "0000004.png").is_file()  # sampling works on sharded weights
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("extra", [(), ("--fsdp",)])
 def test_gpu_bf16_one_process_under_torchrun(tmp_path, extra):
-    """bf16 autocast (+ FSDP's bf16 MixedPrecisionPolicy) on one GPU: trains and saves a loadable file."""
+    """bf16 autocast (+ FSDP's bf16 MixedPrecisionPolicy) on one GPU: trains and saves a loadable
+    file."""
     make_codes(tmp_path / "codes", n=16)
     run_dir = torchrun(
         tmp_path, "g", "--max-steps", "3", "--global-batch-size", "8", *extra, nproc=1
     )
     assert all(math.isfinite(x) for x in losses(run_dir))
-    assert gpt.GPT.from_checkpoint(run_dir / "checkpoints" / "last.pt").config.vocab_size == 64
+    assert gpt.GPT.from_checkpoint(final(run_dir)).config.vocab_size == 64
 
 
 def test_end_to_end_with_samples(tmp_path, toy_folder, vq_ckpt):
-    data.extract_codes(vq_ckpt, toy_folder, tmp_path / "codes", image_size=32, num_workers=0)
+    argv = ["extract", "--vq-ckpt", str(vq_ckpt), "--data-path", str(toy_folder)]
+    argv += ["--code-path", str(tmp_path / "codes"), "--image-size", "32", "--num-workers", "0"]
+    data.extract_codes(data.parse_args(argv))
     run_dir = run(
         tmp_path,
         "r",
@@ -285,7 +275,7 @@ def test_end_to_end_with_samples(tmp_path, toy_folder, vq_ckpt):
     ckpt = final(run_dir)
     assert ckpt["vq_config"]["codebook_size"] == 1024 and ckpt["step"] == 2
     torch.load(run_dir / "checkpoints" / "0000002.pt", weights_only=True)  # plain types only
-    model = gpt.GPT.from_checkpoint(run_dir / "checkpoints" / "last.pt")
+    model = gpt.GPT.from_checkpoint(final(run_dir))
     assert (model.config.vocab_size, model.config.block_size, model.config.num_classes) == (
         1024,
         16,
@@ -294,14 +284,22 @@ def test_end_to_end_with_samples(tmp_path, toy_folder, vq_ckpt):
     assert gpt.generate(model, torch.tensor([0, 3])).shape == (2, 16)
 
 
-def test_user_errors(tmp_path):
+def test_user_errors(tmp_path, capsys):
     make_codes(tmp_path / "codes", n=8)
-    with pytest.raises(data.UserError, match="multiple of"):
+    with pytest.raises(common.UserError, match="multiple of"):
         run(tmp_path, "r", "--global-batch-size", "6", "--gradient-accumulation-steps", "4")
-    with pytest.raises(data.UserError, match="meta.json"):
+    with pytest.raises(common.UserError, match="meta.json"):
         run(tmp_path, "r", code_path=tmp_path / "nothing")
-    with pytest.raises(data.UserError, match="--fsdp needs torchrun"):
+    with pytest.raises(common.UserError, match="--fsdp needs torchrun"):
         run(tmp_path, "r", "--global-batch-size", "8", "--fsdp")
+    with pytest.raises(SystemExit):  # one resolver of preset names: common.preset
+        train_gpt.parse_args(["--code-path", "x", "--model", "XS"])
+    assert "unknown preset 'XS'" in capsys.readouterr().err
+    first = run(tmp_path, "r", "--global-batch-size", "8", "--max-steps", "1")
+    make_codes(tmp_path / "other", n=8, vocab=32)  # the checkpoint's model must fit the codes
+    with pytest.raises(common.UserError, match="other codes.*vocab_size"):
+        resume = ("--resume", str(first / "checkpoints" / "last.pt"))
+        run(tmp_path, "r", "--global-batch-size", "8", *resume, code_path=tmp_path / "other")
 
 
 def test_lr_schedule():
