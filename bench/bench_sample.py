@@ -1,16 +1,17 @@
 """Sampling speed of GPT-B: gpt.generate (static KV cache) against a full-recompute baseline.
 
     python bench/bench_sample.py --tokens 64              # CPU, fp32: a minute or two
-    python bench/bench_sample.py                          # CPU, 256 tokens (16 x 16, as c2i_B_256): slow baseline
+    python bench/bench_sample.py                          # CPU, 256 tokens (16 x 16, as c2i_B_256)
     python bench/bench_sample.py --device cuda            # GPU, bf16: eager, compiled and baseline
 
 Random weights (speed does not depend on them), the demo settings of the official sample_c2i.py:
 8 labels with cfg 4.0 (16 rows through the model), top-k 2000, temperature 1. The baseline has no KV
-cache: each step re-runs the full forward over the whole prefix, as a plain `model(idx, cond)` would.
-tokens/s counts image tokens of the 8 images (not the doubled CFG rows).
+cache: each step re-runs the full forward over the whole prefix, as a plain `model(idx, cond)`
+would. tokens/s counts image tokens of the 8 images (not the doubled CFG rows).
 """
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import gpt  # noqa: E402
 
 
@@ -36,10 +38,9 @@ def generate_full_recompute(model, labels, cfg_scale, top_k, generator, steps=No
     )
     for i in baseline_positions(L, steps):
         logits, _ = model(idx[:, :i], cond)  # (2B, i+1, V)
-        tok = gpt.sample(
-            gpt.guide(logits[:, -1], cfg_scale, True), 1.0, top_k, 1.0, generator
-        )  # (B, 1)
-        idx[:, i] = torch.cat([tok, tok])[:, 0]
+        with_label, null = logits[:, -1].chunk(2)  # classifier-free guidance, as gpt.generate
+        tok = gpt.sample(null + (with_label - null) * cfg_scale, 1.0, top_k, 1.0, generator)
+        idx[:, i] = torch.cat([tok, tok])[:, 0]  # (B, 1) -> both halves
     return idx[:B]
 
 
@@ -70,7 +71,7 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if math.isqrt(args.tokens) ** 2 != args.tokens:
         raise SystemExit(f"--tokens must be a square (a token grid), got {args.tokens}")
@@ -93,6 +94,10 @@ def main(args):
         )
     ]
     if args.compile or (device.type == "cuda" and not args.no_compile):
+        # the caller compiles the decode step (gpt-fast generate.py); compiled once, reused
+        compiled_decode = torch.compile(
+            gpt.decode_one_token, mode="reduce-overhead", fullgraph=True
+        )
         runs.append(
             (
                 "kv-cache+compile",
@@ -102,7 +107,7 @@ def main(args):
                     cfg_scale=args.cfg_scale,
                     top_k=args.top_k,
                     generator=gen,
-                    compile=True,
+                    decode_fn=compiled_decode,
                 ),
             )
         )
@@ -117,8 +122,9 @@ def main(args):
         )
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
-        f"{args.model} ({n_params:.0f}M), {args.tokens} tokens, batch {args.batch} x2 (cfg {args.cfg_scale}), "
-        f"top-k {args.top_k}, {precision} on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+        f"{args.model} ({n_params:.0f}M), {args.tokens} tokens, batch {args.batch} x2 "
+        f"(cfg {args.cfg_scale}), top-k {args.top_k}, {precision} on {device} "
+        f"({torch.get_num_threads()} threads), torch {torch.__version__}"
     )
     print(f"{'method':<18} {'seconds':>9} {'tokens/s':>10} {'images/s':>9} {'speed-up':>9}")
     base = None
@@ -135,15 +141,17 @@ def main(args):
             )
         base = sec if name == "kv-cache" else base
         print(
-            f"{name:<18} {sec:>9.2f} {args.batch * args.tokens / sec:>10.1f} {args.batch / sec:>9.3f} "
-            f"{base / sec:>8.2f}x{note}",
+            f"{name:<18} {sec:>9.2f} {args.batch * args.tokens / sec:>10.1f} "
+            f"{args.batch / sec:>9.3f} {base / sec:>8.2f}x{note}",
             flush=True,
         )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GPT sampling speed: KV cache vs full recompute")
-    p.add_argument("--model", default="GPT-B")
+    p.add_argument(
+        "--model", default="GPT-B", type=functools.partial(common.preset, gpt.GPT_CONFIGS)
+    )
     p.add_argument(
         "--tokens",
         type=int,
@@ -155,7 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=2000)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument(
-        "--precision",
+        "--mixed-precision",
         choices=["fp32", "bf16", "fp16"],
         default=None,
         help="default: bf16 on GPU, fp32 on CPU",

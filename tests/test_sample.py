@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import common
 import gpt
 import sample
 import vq
 
 ROOT = Path(__file__).resolve().parents[1]
-# ds16 like the released VQ-16, but 32 channels and a 64-entry codebook, so 256 px decode in a second
+# ds16 like the released VQ-16, but 32 channels and 64 codes, so 256 px decode in a second
 TINY_VQ = vq.VQConfig(
     ch=32,
     encoder_ch_mult=[1] * 5,
@@ -37,27 +37,29 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 def tiny_models(block_size=256, num_classes=1000, seed=0):
     torch.manual_seed(seed)
-    model = gpt.GPT(
-        gpt.GPTConfig.from_name(
-            "tiny", vocab_size=64, block_size=block_size, num_classes=num_classes
-        )
+    config = gpt.GPTConfig.from_name(
+        "GPT-tiny", vocab_size=64, block_size=block_size, num_classes=num_classes
     )
-    torch.nn.init.normal_(
-        model.output.weight, std=0.5
-    )  # the init zeroes the head: make tokens depend on context
+    model = gpt.GPT(config)
+    # the init zeroes the head: make tokens depend on context
+    torch.nn.init.normal_(model.output.weight, std=0.5)
     return model, vq.VQModel(TINY_VQ)
+
+
+def run(argv):
+    return sample.main(sample.parse_args(argv))
 
 
 @pytest.fixture
 def hub(http_server, monkeypatch):
-    """Official-format tiny files served as c2i_B_256.pt and vq_ds16_c2i.pt; HF_ENDPOINT points at them."""
-    served = (
-        http_server.directory / "FoundationVision" / "LlamaGen" / "resolve" / "main"
-    )  # the hub's layout
+    """Tiny files served as c2i_B_256.pt (official format) and vq_ds16_c2i.pt (the hub's layout)."""
+    served = http_server.directory / "FoundationVision" / "LlamaGen" / "resolve" / "main"
     served.mkdir(parents=True)
     model, tokenizer = tiny_models()
     torch.save({"model": model.state_dict()}, served / "c2i_B_256.pt")
-    torch.save({"model": tokenizer.state_dict()}, served / "vq_ds16_c2i.pt")
+    # the VQ in our format: official-format VQ files are vq.py's tests (its presets only)
+    vq_ckpt = {"model": tokenizer.state_dict(), "config": asdict(TINY_VQ)}
+    torch.save(vq_ckpt, served / "vq_ds16_c2i.pt")
     monkeypatch.setenv("HF_ENDPOINT", http_server.url)
     http_server.served = served
     return http_server
@@ -65,19 +67,11 @@ def hub(http_server, monkeypatch):
 
 @pytest.fixture
 def own_ckpts(tmp_path):
-    """Our own checkpoints (config inside): a 4-class GPT on a 4 x 4 grid + the tiny VQ -> 64 px images."""
+    """Our checkpoints (config inside): a 4-class GPT on a 4 x 4 grid + the tiny VQ -> 64 px."""
     model, tokenizer = tiny_models(block_size=16, num_classes=4)
-    g = data.save_checkpoint(
-        {
-            "model": model.state_dict(),
-            "ema": None,
-            "config": asdict(model.config),
-            "vq_config": asdict(TINY_VQ),
-            "step": 1,
-        },
-        tmp_path / "gpt.pt",
-    )
-    v = data.save_checkpoint(
+    ckpt = {"model": model.state_dict(), "ema": None, "config": asdict(model.config)}
+    g = common.save_checkpoint({**ckpt, "vq_config": asdict(TINY_VQ)}, tmp_path / "gpt.pt")
+    v = common.save_checkpoint(
         {"model": tokenizer.state_dict(), "ema": None, "config": asdict(TINY_VQ)},
         tmp_path / "vq.pt",
     )
@@ -86,67 +80,54 @@ def own_ckpts(tmp_path):
 
 def test_default_run_downloads_then_uses_the_cache(hub, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    out = sample.main(
-        sample.parse_args([])
-    )  # `python sample.py`: released B-256 + VQ-16, demo labels
-    assert (
-        out == Path("samples/c2i_B_256-seed0.png")
-        and out.exists()
-        and str(out) in capsys.readouterr().out
-    )
+    out = run([])  # `python sample.py`: released B-256 + VQ-16, demo labels
+    assert out == Path("samples/c2i_B_256-seed0.png") and out.exists()
+    assert str(out) in capsys.readouterr().out
     assert Image.open(out).size == (4 * 258 + 2, 2 * 258 + 2)  # 8 images of 256 px, 4 per row
     assert sorted(p for p, _ in hub.requests) == [
         "/FoundationVision/LlamaGen/resolve/main/c2i_B_256.pt",
         "/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt",
     ]
-    assert (data.cache_dir() / "c2i_B_256.pt").exists()
-    sample.main(sample.parse_args(["--labels", "1", "--out", str(tmp_path / "again.png")]))
+    assert (common.cache_dir() / "c2i_B_256.pt").exists()
+    run(["--labels", "1", "--out", str(tmp_path / "again.png")])
     assert len(hub.requests) == 2  # second run: all from the cache
 
 
 def test_interrupted_download_resumes(hub, tmp_path):
-    hub.fail_after_bytes = 300_000  # the first response (the VQ file, 1.9 MB) drops after 300 kB
-    out = sample.main(sample.parse_args(["--labels", "3", "--out", str(tmp_path / "x.png")]))
-    assert out.exists()
-    ranges = [r for p, r in hub.requests if p.endswith("vq_ds16_c2i.pt")]
-    assert len(ranges) == 2 and ranges[0] is None
-    assert (
-        0 < int(ranges[1].removeprefix("bytes=").rstrip("-")) <= 300_000
-    )  # the retry asked only for the rest
-    assert (data.cache_dir() / "vq_ds16_c2i.pt").read_bytes() == (
-        hub.served / "vq_ds16_c2i.pt"
-    ).read_bytes()
+    hub.fail_after_bytes = 300_000  # the first response (the GPT file, 0.8 MB) drops at 300 kB
+    assert run(["--labels", "3", "--out", str(tmp_path / "x.png")]).exists()
+    ranges = [r for p, r in hub.requests if p.endswith("c2i_B_256.pt")]
+    assert len(ranges) == 2 and ranges[0] == "bytes=0-"
+    resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= 300_000  # the retry asked only for the rest
+    got = (common.cache_dir() / "c2i_B_256.pt").read_bytes()
+    assert got == (hub.served / "c2i_B_256.pt").read_bytes()
 
 
 def test_corrupt_download_is_rejected(hub, tmp_path):
-    hub.extra_headers["c2i_B_256.pt"] = {
-        "ETag": '"' + "0" * 64 + '"'
-    }  # the hub's sha256 does not match
-    with pytest.raises(data.UserError, match="sha256 check failed.*c2i_B_256.pt"):
-        sample.main(sample.parse_args(["--labels", "3", "--out", str(tmp_path / "x.png")]))
-    assert not (data.cache_dir() / "c2i_B_256.pt").exists()
-    assert not (data.cache_dir() / "c2i_B_256.pt.part").exists()
+    hub.extra_headers["c2i_B_256.pt"] = {"ETag": '"' + "0" * 64 + '"'}  # the hub's sha256
+    with pytest.raises(common.UserError, match="c2i_B_256.pt .*sha256"):
+        run(["--labels", "3", "--out", str(tmp_path / "x.png")])
+    assert not (common.cache_dir() / "c2i_B_256.pt").exists()
+    assert not (common.cache_dir() / "c2i_B_256.pt.part").exists()
 
 
 def test_offline_without_cache_names_the_url(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    with pytest.raises(
-        data.UserError, match="127.0.0.1:9/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt"
-    ):
-        sample.main(sample.parse_args(["--out", str(tmp_path / "x.png")]))
+    url = "127.0.0.1:9/FoundationVision/LlamaGen/resolve/main/c2i_B_256.pt"
+    with pytest.raises(common.UserError, match=url):
+        run(["--out", str(tmp_path / "x.png")])
 
 
 def test_class_names_resolve():
     assert len(sample.CLASS_NAMES.read_text().splitlines()) == 1000
     names = ["golden retriever", "207", "Red Panda", "geyser", "tench"]
     assert sample.parse_labels(names, 1000) == [207, 207, 387, 974, 0]
-    with pytest.raises(
-        data.UserError, match="ambiguous.*134.*517"
-    ):  # crane: the bird and the machine
+    with pytest.raises(common.UserError, match="ambiguous.*134.*517"):  # the bird, the machine
         sample.parse_labels(["crane"], 1000)
-    with pytest.raises(data.UserError, match="not an ImageNet class.*207: golden retriever"):
+    with pytest.raises(common.UserError, match="not an ImageNet class.*207: golden retriever"):
         sample.parse_labels(["golden"], 1000)
-    with pytest.raises(data.UserError, match="out of range"):
+    with pytest.raises(common.UserError, match="out of range"):
         sample.parse_labels(["1000"], 1000)
 
 
@@ -157,17 +138,32 @@ def test_class_names_resolve():
         (["--top-p", "1.5"], "top-p"),
         (["--top-k", "-1"], "top-k"),
         (["--temperature", "-0.5"], "temperature"),
-        (["--batch-size", "0"], "batch-size"),
-        (["--num-samples", "0"], "num-samples"),
         (["--prompt", "a cat", "--num-samples", "8"], "class-conditional only"),
-        (["--model", "XL", "--image-size", "256"], "no released GPT XL at --image-size 256"),
-        (["--image-size", "512"], "no released GPT B at --image-size 512"),
-        (["--model", "7B"], "no released GPT 7B"),
+        (["--model", "XL", "--image-size", "256"], "no released c2i GPT-XL at --image-size 256"),
+        (["--image-size", "512"], "no released c2i GPT-B at --image-size 512"),
+        (["--prompt", "a cat", "--model", "B"], "no released t2i GPT-B.*GPT-XL 256, GPT-XL 512"),
     ],
 )
-def test_flag_errors_before_any_download(argv, match, tmp_path):
-    with pytest.raises(data.UserError, match=match):
-        sample.main(sample.parse_args(argv + ["--out", str(tmp_path / "x.png")]))
+def test_flag_errors_before_any_download(argv, match, tmp_path, http_server, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", http_server.url)
+    with pytest.raises(common.UserError, match=match):
+        run(argv + ["--out", str(tmp_path / "x.png")])
+    assert http_server.requests == []
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+        (["--num-samples", "0"], "--num-samples: must be an integer >= 1"),
+        (["--model", "9B"], "unknown preset '9B'; choose GPT-B"),
+        (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
+    ],
+)
+def test_argparse_rejects_bad_values(argv, match, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.parse_args(argv)
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -175,39 +171,63 @@ def test_flag_errors_before_any_download(argv, match, tmp_path):
     [
         (["--labels", "4"], r"out of range: this model has classes 0..3"),
         (["--labels", "golden retriever"], "ImageNet model"),
-        (["--precision", "fp16"], "fp16 needs a GPU"),
+        (["--mixed-precision", "fp16"], "fp16 needs a GPU"),
         (["--image-size", "256"], "does not match"),
+        (["--prompt", "a cat"], "gpt is a c2i GPT: text-to-image takes --prompt"),
     ],
 )
 def test_flag_errors_with_own_checkpoints(own_ckpts, argv, match, tmp_path):
-    with pytest.raises(data.UserError, match=match):
-        sample.main(sample.parse_args(own_ckpts + argv + ["--out", str(tmp_path / "x.png")]))
+    if "fp16" in argv and torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on a GPU")
+    with pytest.raises(common.UserError, match=match):
+        run(own_ckpts + argv + ["--out", str(tmp_path / "x.png")])
 
 
-def test_own_checkpoints_need_their_vq_and_official_files_their_size(own_ckpts, tmp_path):
-    with pytest.raises(data.UserError, match="pass its --vq-ckpt"):
-        sample.main(sample.parse_args(own_ckpts[:2]))
-    model, _ = tiny_models()
+def test_own_checkpoints_need_their_vq_and_official_files_take_image_size(own_ckpts, tmp_path):
+    with pytest.raises(common.UserError, match="own tokenizer; pass its --vq-ckpt"):
+        run(own_ckpts[:2])
+    model, _ = tiny_models()  # an official file (no config) of a GPT trained on 16 x 16 grids
     torch.save({"model": model.state_dict()}, tmp_path / "official.pt")
-    with pytest.raises(data.UserError, match="pass --image-size"):
-        sample.main(
-            sample.parse_args(["--gpt-ckpt", str(tmp_path / "official.pt")] + own_ckpts[2:])
-        )
+    argv = ["--gpt-ckpt", str(tmp_path / "official.pt"), *own_ckpts[2:], "--labels", "1", "2"]
+    out = run(argv + ["--out", str(tmp_path / "a.png")])  # the image size: --image-size 256
+    assert Image.open(out).size == (2 * 258 + 2, 258 + 2)
+    out = run(argv + ["--image-size", "128", "--out", str(tmp_path / "b.png")])  # 8 x 8 tokens
+    assert Image.open(out).size == (2 * 130 + 2, 130 + 2)
+    torch.save({"model": vq.VQModel(TINY_VQ).state_dict()}, tmp_path / "vq_as_gpt.pt")
+    with pytest.raises(common.UserError, match="cannot load the GPT .*vq_as_gpt.pt"):
+        run(["--gpt-ckpt", str(tmp_path / "vq_as_gpt.pt"), *own_ckpts[2:]])
 
 
 def test_own_checkpoints_grid_seed_and_cfg_warning(own_ckpts, tmp_path, capsys):
-    out = sample.main(
-        sample.parse_args(own_ckpts + ["--cfg-scale", "0.5", "--out", str(tmp_path / "g.png")])
-    )
+    out = run(own_ckpts + ["--cfg-scale", "0.5", "--out", str(tmp_path / "g.png")])
     assert "warning: --cfg-scale 0.5" in capsys.readouterr().err
     assert Image.open(out).size == (4 * 66 + 2, 2 * 66 + 2)  # 8 labels (0..3 twice) of 64 px
     argv = own_ckpts + ["--cfg-scale", "0.5"]
-    same = sample.main(sample.parse_args(argv + ["--out", str(tmp_path / "h.png")]))
-    other = sample.main(sample.parse_args(argv + ["--seed", "1", "--out", str(tmp_path / "i.png")]))
+    same = run(argv + ["--out", str(tmp_path / "h.png")])
+    other = run(argv + ["--seed", "1", "--out", str(tmp_path / "i.png")])
     pixels = [np.asarray(Image.open(p)) for p in (out, same, other)]
-    assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(
-        pixels[0], pixels[2]
-    )  # --seed decides
+    assert np.array_equal(pixels[0], pixels[1])
+    assert not np.array_equal(pixels[0], pixels[2])  # --seed decides
+
+
+def test_compile_flag_hands_a_compiled_decode_step_to_generate(own_ckpts, tmp_path, monkeypatch):
+    compiled, seen = [], []
+    real_generate = gpt.generate
+
+    def fake_compile(fn, **kwargs):  # torch.compile on the CPU needs a compiler: stand in for it
+        compiled.append((fn, kwargs))
+        return fn
+
+    def spy(*args, **kwargs):
+        seen.append(args[5])  # decode_fn
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(gpt, "generate", spy)
+    run(own_ckpts + ["--labels", "1", "--out", str(tmp_path / "a.png")])
+    run(own_ckpts + ["--labels", "1", "--compile", "--out", str(tmp_path / "b.png")])
+    assert seen == [None, gpt.decode_one_token]
+    assert compiled == [(gpt.decode_one_token, dict(mode="reduce-overhead", fullgraph=True))]
 
 
 def read_npz(path):
@@ -217,27 +237,19 @@ def read_npz(path):
 
 def test_npz_shapes_balance_resize_and_resume(own_ckpts, tmp_path, monkeypatch):
     argv = own_ckpts + ["--num-samples", "10", "--batch-size", "4", "--image-size-eval", "32"]
-    ref = sample.main(sample.parse_args(argv + ["--out", str(tmp_path / "ref.npz")]))
+    ref = run(argv + ["--out", str(tmp_path / "ref.npz")])
     images, labels, meta = read_npz(ref)
     assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
-    assert sorted(np.bincount(labels, minlength=4)) == [
-        2,
-        2,
-        3,
-        3,
-    ]  # balanced: N / K each, rest spread
+    assert sorted(np.bincount(labels, minlength=4)) == [2, 2, 3, 3]  # N / K each, rest spread
     assert not np.array_equal(labels, np.resize(np.arange(4), 10))  # shuffled
-    assert (
-        meta["resize_filter"] == "antialias"
-        and meta["image_size"] == 64
-        and meta["cfg_scale"] == 1.5
-    )
-    assert not (tmp_path / "ref-shards" / "shard_00000.npz").exists()  # merged, then cleaned up
+    assert meta["resize_filter"] == "antialias" and meta["image_size"] == 64
+    assert meta["cfg_scale"] == 1.5 and meta["top_k"] == 0  # the FID defaults of an own GPT
+    assert not (tmp_path / "ref-shards").exists()  # merged, then cleaned up
 
     calls = []
     real_generate = gpt.generate
 
-    def flaky_generate(*args, **kwargs):  # the run dies while sampling its third shard
+    def flaky_generate(*args, **kwargs):  # the run dies while drawing its third shard
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
@@ -246,49 +258,40 @@ def test_npz_shapes_balance_resize_and_resume(own_ckpts, tmp_path, monkeypatch):
     monkeypatch.setattr(gpt, "generate", flaky_generate)
     out = tmp_path / "run.npz"
     with pytest.raises(KeyboardInterrupt):
-        sample.main(sample.parse_args(argv + ["--out", str(out)]))
-    assert sorted(p.name for p in (tmp_path / "run-shards").glob("*.npz")) == [
-        "shard_00000.npz",
-        "shard_00001.npz",
+        run(argv + ["--out", str(out)])
+    assert sorted(p.name for p in (tmp_path / "run-shards").glob("*.done")) == [
+        "00000.done",
+        "00001.done",
     ]
-    other = [
-        a if a != "32" else "16" for a in argv
-    ]  # same --out, other settings: the shards are refused
-    with pytest.raises(data.UserError, match="other settings"):
-        sample.main(sample.parse_args(other + ["--out", str(out)]))
+    other = [a if a != "32" else "16" for a in argv]  # same --out, other settings: refused
+    with pytest.raises(common.UserError, match="other settings"):
+        run(other + ["--out", str(out)])
     calls.clear()
-    sample.main(
-        sample.parse_args(argv + ["--out", str(out)])
-    )  # restart: only the missing shard is sampled
+    run(argv + ["--out", str(out)])  # restart: only the missing shard is drawn
     assert len(calls) == 1
     images2, labels2, _ = read_npz(out)
     assert np.array_equal(images2, images) and np.array_equal(labels2, labels)
+    calls.clear()
+    assert run(argv + ["--out", str(out)]) == out and calls == []  # done: nothing to draw
 
 
 def test_npz_official_resize_and_native_size(own_ckpts, tmp_path):
-    argv = own_ckpts + [
-        "--num-samples",
-        "4",
-        "--image-size-eval",
-        "32",
-        "--resize-filter",
-        "official",
-    ]
-    official = sample.main(sample.parse_args(argv + ["--out", str(tmp_path / "o.npz")]))
+    argv = own_ckpts + ["--num-samples", "4", "--image-size-eval", "32"]
+    official = run(argv + ["--resize-filter", "official", "--out", str(tmp_path / "o.npz")])
     images, _, meta = read_npz(official)
     assert images.shape == (4, 32, 32, 3) and meta["resize_filter"] == "official"
-    native = sample.main(
-        sample.parse_args(own_ckpts + ["--num-samples", "4", "--out", str(tmp_path / "n.npz")])
-    )
+    antialiased, _, _ = read_npz(run(argv + ["--out", str(tmp_path / "a.npz")]))
+    assert not np.array_equal(images, antialiased)  # the filter matters
+    native = run(own_ckpts + ["--num-samples", "4", "--out", str(tmp_path / "n.npz")])
     images, _, meta = read_npz(native)
-    assert images.shape == (4, 64, 64, 3) and meta["resize_filter"] == "none"  # 64 px <= 256: kept
+    assert images.shape == (4, 64, 64, 3) and meta["resize_filter"] == "none"  # 64 px <= 256
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(own_ckpts, tmp_path):
-    """Shard seeds do not depend on the rank count: 2 CPU ranks (gloo) write what 1 process writes."""
+    """Shard seeds do not depend on the rank count: 2 CPU ranks (gloo) write what 1 process does."""
     argv = own_ckpts + ["--num-samples", "7", "--batch-size", "2"]
-    one = sample.main(sample.parse_args(argv + ["--out", str(tmp_path / "one.npz")]))
+    one = run(argv + ["--out", str(tmp_path / "one.npz")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [

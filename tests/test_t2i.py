@@ -1,5 +1,6 @@
-"""Tests for text-to-image: caption cleaning, T5 features (a tiny random T5), the caption/code store,
-the official t2i attention masks and null caption of gpt.py, and t2i training and prompt sampling.
+"""Tests for text-to-image: caption cleaning, T5 features (a tiny random T5), the caption/code
+store, the official t2i attention masks and null caption of gpt.py, and t2i training and prompt
+sampling.
 
     python -m pytest tests/test_t2i.py -q
 """
@@ -7,6 +8,7 @@ the official t2i attention masks and null caption of gpt.py, and t2i training an
 import json
 import sys
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,14 +16,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import common
 import data
 import gpt
 import text
 import vq
 
-T = text.MAX_TOKENS  # 120 caption slots, as the released models
+SLOTS = text.MAX_TOKENS  # 120 caption slots, as the released models
 D = 32  # tiny T5 width = the tiny GPT's caption_dim
-WORDS = "a an of on picture dark background red green blue yellow disc stripes checker ring cat photo".split()
+WORDS = (
+    "a an of on picture dark background red green blue yellow disc stripes checker ring cat photo"
+).split()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,7 +35,7 @@ WORDS = "a an of on picture dark background red green blue yellow disc stripes c
 
 @pytest.fixture(scope="session")
 def t5_dir(tmp_path_factory):
-    """A folder loadable like flan-t5-xl: T5EncoderModel (d_model 32) + a fast tokenizer with </s>."""
+    """A folder loadable like flan-t5-xl: T5EncoderModel (d_model 32), a fast tokenizer, </s>."""
     pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
@@ -63,12 +68,12 @@ def t5_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def encoder(t5_dir):
-    return text.TextEncoder.from_pretrained(t5_dir)
+    return text.TextEncoder(t5_dir)
 
 
 @pytest.fixture(scope="session")
 def toy_jsonl(tmp_path_factory):
-    """2 classes x 4 toy images (32 px) with [blip, llava, llava_first] captions, plus 4 bad records."""
+    """2 classes x 4 toy images (32 px) with [blip, llava, llava_first] captions, 4 bad records."""
     root = tmp_path_factory.mktemp("toy-t2i")
     jsonl = text.make_toy_t2i(root, num_classes=2, per_class=4, size=32)
     (root / "corrupt.png").write_bytes(b"not a png")
@@ -89,19 +94,30 @@ def toy_jsonl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def store(toy_jsonl, vq_ckpt, encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "codes"
-    meta = text.extract(
-        toy_jsonl, out, vq_ckpt, encoder, image_size=32, batch_size=3, num_workers=0
+    return out, text.extract(extract_args(toy_jsonl, out, vq_ckpt), encoder)
+
+
+def extract_args(data_path, code_path, vq_ckpt, image_size=32):
+    """`text.py extract` flags: 3 records a batch, in this process."""
+    argv = ["extract", "--data-path", str(data_path), "--code-path", str(code_path)]
+    argv += ["--vq-ckpt", str(vq_ckpt), "--image-size", str(image_size)]
+    return text.parse_args(argv + ["--batch-size", "3", "--num-workers", "0"])
+
+
+def caption_args(**flags):
+    """sample.py's text flags, as text.caption_condition reads them."""
+    return SimpleNamespace(
+        **{**dict.fromkeys(["caption_features", "prompt", "prompt_file", "t5_path"]), **flags}
     )
-    return out, meta
 
 
 def tiny_t2i(seed=0, **kw):
-    """A random tiny t2i GPT with 120 caption slots of width D, a 4x4 grid over VQ-tiny's 1024 codes."""
+    """A random tiny t2i GPT: 120 caption slots of width D, a 4x4 grid over VQ-tiny's 1024 codes."""
     torch.manual_seed(seed)
     cfg = gpt.GPTConfig.from_name(
-        "tiny",
+        "GPT-tiny",
         model_type="t2i",
-        cls_token_num=T,
+        cls_token_num=SLOTS,
         caption_dim=D,
         vocab_size=1024,
         block_size=16,
@@ -115,12 +131,12 @@ def tiny_t2i(seed=0, **kw):
 
 
 def left_padded_captions(B=3, lengths=(5, 17, 120)):
-    """Right-aligned random captions (B, T, D) with zero padding and their 0/1 mask (B, T)."""
+    """Right-aligned random captions (B, SLOTS, D), zero-padded, and their 0/1 mask (B, SLOTS)."""
     torch.manual_seed(1)
-    mask = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, SLOTS, dtype=torch.long)
     for b, n in enumerate(lengths[:B]):
-        mask[b, T - n :] = 1
-    return torch.randn(B, T, D) * mask[..., None], mask
+        mask[b, SLOTS - n :] = 1
+    return torch.randn(B, SLOTS, D) * mask[..., None], mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +144,8 @@ def left_padded_captions(B=3, lengths=(5, 17, 120)):
 
 
 def official_train_mask(emb_mask, L):
-    """train_t2i: tril over (T + L), text columns times emb_mask, diagonal 1; the trainer drops the last row/col."""
+    """train_t2i: tril over (SLOTS + L), text columns times emb_mask, diagonal 1; the trainer
+    drops the last row and column."""
     B, Tn = emb_mask.shape
     S = Tn + L
     m = torch.tril(torch.ones(B, S, S))
@@ -138,7 +155,7 @@ def official_train_mask(emb_mask, L):
 
 
 def official_generate_mask(emb_mask, max_seq, guided):
-    """generate(): causal (max_batch, max_seq, max_seq), text columns times [mask; mask], diagonal 1."""
+    """generate(): causal (max_batch, max_seq, max_seq), text columns x [mask; mask], diagonal 1."""
     masks = torch.cat([emb_mask, emb_mask]) if guided else emb_mask
     m = torch.tril(torch.ones(masks.shape[0], max_seq, max_seq))
     m[:, :, : masks.shape[1]] = m[:, :, : masks.shape[1]] * masks[:, None, :].float()
@@ -170,7 +187,7 @@ def test_training_mask_matches_official(sdpa_masks):
 
 
 def test_training_caption_dropout_keeps_the_cond_mask(sdpa_masks):
-    """A dropped caption becomes the null caption, but the caption's padding mask still applies (h.6)."""
+    """A dropped caption becomes the null caption; its padding mask still applies (spec h.6)."""
     model, (emb, mask) = tiny_t2i(class_dropout_prob=1.0), left_padded_captions()
     seen = []
     model.cls_embedding.cap_proj.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
@@ -194,13 +211,13 @@ def test_generate_masks_match_official_in_both_guidance_halves(sdpa_masks):
     model, (emb, mask) = tiny_t2i(), left_padded_captions()
     generate_tokens = gpt.generate(model, emb, cfg_scale=7.5, top_k=1, emb_mask=mask)
     assert generate_tokens.shape == (3, 16)
-    max_seq = T + 16
+    max_seq = SLOTS + 16
     ref = official_generate_mask(mask, max_seq, guided=True)  # (6, max_seq, max_seq)
     assert len(sdpa_masks) == model.config.n_layer * 16  # prefill + 15 decode steps, per layer
     for s, kv_len, got in sdpa_masks:
         got = got.expand(6, 1, s, kv_len)[:, 0]
         rows = (
-            slice(0, T) if s == T else slice(kv_len - 1, kv_len)
+            slice(0, SLOTS) if s == SLOTS else slice(kv_len - 1, kv_len)
         )  # prefill, or the one decoded position
         assert torch.equal(got, ref[:, rows, :kv_len])
         assert not ref[:, rows, kv_len:].any()  # nothing visible beyond what we attend over
@@ -213,7 +230,7 @@ def test_generate_ignores_padded_slots_of_both_halves():
     noisy = emb + 5 * torch.randn_like(emb) * (1 - mask[..., None])
     assert torch.equal(gpt.generate(model, noisy, cfg_scale=4.0, top_k=1, emb_mask=mask), want)
     null = model.cls_embedding.uncond_embedding
-    null[: T - 7] += 5 * torch.randn(T - 7, D)  # null-caption rows that the cond mask hides
+    null[: SLOTS - 7] += 5 * torch.randn(SLOTS - 7, D)  # null-caption rows that the cond mask hides
     assert torch.equal(gpt.generate(model, emb, cfg_scale=4.0, top_k=1, emb_mask=mask), want)
     null[-1] += 5  # a visible row does matter (so the test can fail)
     assert not torch.equal(gpt.generate(model, emb, cfg_scale=4.0, top_k=1, emb_mask=mask), want)
@@ -223,11 +240,11 @@ def test_generate_uses_the_checkpoint_null_caption(tmp_path):
     model = tiny_t2i()
     saved = torch.randn(120, D) * 3  # not what a fresh model would draw
     model.cls_embedding.uncond_embedding.copy_(saved)
-    path = data.save_checkpoint(
+    path = common.save_checkpoint(
         {"model": model.state_dict(), "config": asdict(model.config)}, tmp_path / "t2i.pt"
     )
     torch.manual_seed(123)  # a different seed: a re-initialised buffer would differ
-    loaded = gpt.GPT.from_checkpoint(data.load_checkpoint(path))
+    loaded = gpt.GPT.from_checkpoint(common.load_checkpoint(path))
     seen = []
     loaded.cls_embedding.cap_proj.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     emb, mask = left_padded_captions(B=2)
@@ -254,7 +271,8 @@ def test_invalid_samples_do_not_count_in_the_loss():
     [
         ("A Photo of a CAT on https://example.com/x.jpg <b>sofa</b>", "a photo of a cat on sofa"),
         (
-            "Red&nbsp;Dress \u2014 Free Shipping!!! item JC6640VC 1920x1080 #12345 \u6771\u4eac tower",
+            "Red&nbsp;Dress \u2014 Free Shipping!!! item JC6640VC 1920x1080 #12345 "
+            "\u6771\u4eac tower",
             "red dress item tower",
         ),
         ("<person> standing, @someone 192.168.0.1 photo.png", "person standing"),
@@ -285,9 +303,9 @@ def test_missing_transformers_names_the_package_and_model(
         sys.modules, "transformers", None
     )  # `import transformers` now raises ImportError
     with pytest.raises(
-        data.UserError, match=r"pip install transformers sentencepiece.*google/flan-t5-xl"
+        common.UserError, match=r"pip install transformers sentencepiece.*google/flan-t5-xl"
     ):
-        text.encode_prompts(["a cat"])
+        text.TextEncoder()
     argv = [
         "extract",
         "--data-path",
@@ -298,7 +316,7 @@ def test_missing_transformers_names_the_package_and_model(
         str(vq_ckpt),
     ]
     with pytest.raises(SystemExit) as exit_info:
-        data.cli(text.main, lambda: text.parse_args(argv))
+        common.cli(text.main, lambda: text.parse_args(argv))
     assert exit_info.value.code == 2
     assert "error: text prompts need the optional package transformers" in capsys.readouterr().err
 
@@ -318,7 +336,7 @@ def test_text_module_imports_without_transformers():
 def test_encoder_features_are_right_aligned_unpadded_t5_outputs(encoder):
     captions = ["a red disc", "A picture of a CAT on a dark background"]
     emb, mask = encoder.encode(captions)
-    assert emb.shape == (2, T, D) and mask.dtype == torch.bool
+    assert emb.shape == (2, SLOTS, D) and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == [4, 10]  # words + </s>
     assert (emb[~mask] == 0).all() and mask[:, -1].all()
     for caption, e, m in zip(
@@ -330,31 +348,47 @@ def test_encoder_features_are_right_aligned_unpadded_t5_outputs(encoder):
 
 
 def test_t5_path_errors(tmp_path, t5_dir):
-    with pytest.raises(data.UserError, match="not a folder"):
-        text.TextEncoder.from_pretrained(tmp_path / "nope")
-    with pytest.raises(data.UserError, match="cannot load the text encoder"):
-        text.TextEncoder.from_pretrained(tmp_path)  # an empty folder
+    pytest.importorskip("transformers")
+    with pytest.raises(common.UserError, match="cannot load the text encoder .*nope"):
+        text.TextEncoder(tmp_path / "nope")
+    with pytest.raises(common.UserError, match="cannot load the text encoder"):
+        text.TextEncoder(tmp_path)  # an empty folder
 
 
-def test_caption_features_files(tmp_path):
+def test_caption_features_files_and_prompt_errors(tmp_path):
     emb = torch.randn(2, 10, D)
     mask = torch.tensor([[1] * 4 + [0] * 6, [1] * 10])  # right-padded, as a tokenizer gives
     torch.save({"emb": emb, "mask": mask}, tmp_path / "c.pt")
     np.savez(tmp_path / "c.npz", emb=emb.numpy(), mask=mask.numpy())
-    for name in ("c.pt", "c.npz"):
-        e, m = text.load_caption_features(tmp_path / name)
-        assert (
-            torch.equal(e[0, 6:], emb[0, :4])
-            and (e[0, :6] == 0).all()
-            and m[0].tolist() == [False] * 6 + [True] * 4
-        )
-        e, m = text.fit_condition(e, m, T, D)
-        assert e.shape == (2, T, D) and m.sum().item() == 14 and m[:, -1].all()
+    gpt_config = SimpleNamespace(cls_token_num=SLOTS, caption_dim=D)
+    for name in ("c.pt", "c.npz"):  # 10 slots, right-aligned, then padded on the left to 120
+        args = caption_args(caption_features=str(tmp_path / name))
+        e, m = text.caption_condition(args, gpt_config, "cpu")
+        assert e.shape == (2, SLOTS, D) and m.sum().item() == 14 and m[:, -1].all()
+        assert torch.equal(e[0, -4:], emb[0, :4]) and (e[0, :-4] == 0).all()
+        assert m[0].tolist() == [False] * (SLOTS - 4) + [True] * 4
+    torch.save({"emb": emb[1], "mask": mask[1]}, tmp_path / "one.pt")  # one caption (S, D)
+    e, m = text.caption_condition(
+        caption_args(caption_features=str(tmp_path / "one.pt")), gpt_config, "cpu"
+    )
+    assert e.shape == (1, SLOTS, D) and torch.equal(e[0, -10:], emb[1]) and m.sum() == 10
     torch.save({"emb": emb}, tmp_path / "bad.pt")
-    with pytest.raises(data.UserError, match="'mask'"):
-        text.load_caption_features(tmp_path / "bad.pt")
-    with pytest.raises(data.UserError, match="caption_dim 2048"):
-        text.fit_condition(emb, mask, T, 2048)
+    with pytest.raises(common.UserError, match="'mask'"):
+        text.caption_condition(
+            caption_args(caption_features=str(tmp_path / "bad.pt")), gpt_config, "cpu"
+        )
+    args = caption_args(caption_features=str(tmp_path / "c.pt"))
+    with pytest.raises(common.UserError, match="caption_dim 2048"):
+        text.caption_condition(args, SimpleNamespace(cls_token_num=SLOTS, caption_dim=2048), "cpu")
+    with pytest.raises(common.UserError, match="cannot read --prompt-file"):
+        text.caption_condition(
+            caption_args(prompt_file=str(tmp_path / "nope.txt")), gpt_config, "cpu"
+        )
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(common.UserError, match="no prompts"):
+        text.caption_condition(
+            caption_args(prompt_file=str(tmp_path / "empty.txt")), gpt_config, "cpu"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +407,11 @@ def test_read_jsonl_and_caption_keys(toy_jsonl):
         == "a picture of a red disc"
     )
     assert text.pick_caption("One. Two.", trunc=True) == "One" and text.pick_caption(None) is None
+    assert text.pick_caption({"llava": "a cat"}, "llava") == "a cat"
+    (toy_jsonl.parent / "broken").mkdir(exist_ok=True)
+    (toy_jsonl.parent / "broken" / "x.jsonl").write_text('{"text": "no image path"}\n')
+    with pytest.raises(common.UserError, match="x.jsonl: KeyError 'image_path'"):
+        text.read_jsonl(toy_jsonl.parent / "broken")
 
 
 def test_store_counts_bad_records_and_matches_the_encoders(store, toy_jsonl, vq_ckpt, encoder):
@@ -385,35 +424,35 @@ def test_store_counts_bad_records_and_matches_the_encoders(store, toy_jsonl, vq_
     ) == (12, 8, 3, 1)
     assert meta["model_type"] == "t2i" and meta["block_size"] == 16 and meta["vocab_size"] == 1024
     feats = (path / "caption_features.f16").stat().st_size
-    assert feats == meta["num_tokens"] * D * 2 < 12 * T * D * 2  # only valid tokens are stored
+    assert feats == meta["num_tokens"] * D * 2 < 12 * SLOTS * D * 2  # only valid tokens are stored
     ds = text.CaptionCodeDataset(path)
-    items = [ds[i] for i in range(len(ds))]
+    items = [ds[0, i] for i in range(len(ds))]  # (epoch, index) keys, as common.TrainSampler's
     assert [bool(v) for *_, v in items] == [True] * 8 + [False] * 4
     codes, emb, mask, ok = items[1]
     assert (
         codes.shape == (16,)
         and codes.dtype == torch.int64
-        and emb.shape == (T, D)
-        and mask.shape == (T,)
+        and emb.shape == (SLOTS, D)
+        and mask.shape == (SLOTS,)
     )
     want_emb, want_mask = encoder.encode(["a red disc"])
     assert torch.equal(mask, want_mask[0])
     torch.testing.assert_close(emb, want_emb[0], atol=2e-3, rtol=2e-3)  # stored as float16
     image_path = text.read_jsonl(toy_jsonl)[1][0]
-    tok = vq.VQModel.from_checkpoint(data.load_checkpoint(vq_ckpt))
+    tok = vq.VQModel.from_checkpoint(common.load_checkpoint(vq_ckpt))
     x = data.pil_to_tensor(data.center_crop_arr(data.load_image(image_path), 32))[None]
     assert torch.equal(codes, tok.encode(x)[2])
     bad = items[8]
     assert not bad[3] and (bad[1] == 0).all() and not bad[2].any()
     e, m = ds.captions(3)
-    assert e.shape == (3, T, D) and m.all(0)[-1]
+    assert e.shape == (3, SLOTS, D) and m.all(0)[-1]
 
 
 def test_extract_resumes_after_an_interruption(toy_jsonl, vq_ckpt, encoder, store, tmp_path):
     class Flaky:
         """Fails on the third batch, as a killed job would."""
 
-        dim, max_length, calls = encoder.dim, encoder.max_length, 0
+        dim, calls = encoder.dim, 0
 
         def encode(self, captions):
             Flaky.calls += 1
@@ -423,16 +462,16 @@ def test_extract_resumes_after_an_interruption(toy_jsonl, vq_ckpt, encoder, stor
 
     out = tmp_path / "codes"
     with pytest.raises(KeyboardInterrupt):
-        text.extract(toy_jsonl, out, vq_ckpt, Flaky(), image_size=32, batch_size=3, num_workers=0)
+        text.extract(extract_args(toy_jsonl, out, vq_ckpt), Flaky())
     assert json.loads((out / "meta.json").read_text())["num_done"] == 6
-    meta = text.extract(
-        toy_jsonl, out, vq_ckpt, encoder, image_size=32, batch_size=3, num_workers=0
-    )
+    with pytest.raises(common.UserError, match="did not finish; rerun it to resume"):
+        text.CaptionCodeDataset(out)
+    meta = text.extract(extract_args(toy_jsonl, out, vq_ckpt), encoder)
     assert meta["num_tokens"] == store[1]["num_tokens"]
-    for name in ("codes.npy", "valid.npy", "caption_index.npy", "caption_features.f16"):
+    for name in ("codes.npy", "valid.npy", "caption_lengths.npy", "caption_features.f16"):
         assert (out / name).read_bytes() == (store[0] / name).read_bytes()
-    with pytest.raises(data.UserError, match="different.*image_size"):
-        text.extract(toy_jsonl, out, vq_ckpt, encoder, image_size=64, batch_size=3, num_workers=0)
+    with pytest.raises(common.UserError, match="different.*image_size"):
+        text.extract(extract_args(toy_jsonl, out, vq_ckpt, image_size=64), encoder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,11 +516,11 @@ def test_train_t2i_skips_and_counts_bad_records(t2i_run):
         logs[-1]["loss"] < logs[0]["loss"] and abs(logs[0]["loss"] - np.log(1024)) < 1e-3
     )  # zero-init head
     assert (t2i_run / "samples" / "0000005.png").is_file()  # sampled from the data's first captions
-    ckpt = data.load_checkpoint(t2i_run / "checkpoints" / "last.pt")
+    ckpt = common.load_checkpoint(t2i_run / "checkpoints" / "last.pt")
     model = gpt.GPT.from_checkpoint(ckpt)
     assert (model.config.model_type, model.config.cls_token_num, model.config.caption_dim) == (
         "t2i",
-        T,
+        SLOTS,
         D,
     )
     assert torch.equal(
@@ -490,10 +529,10 @@ def test_train_t2i_skips_and_counts_bad_records(t2i_run):
 
 
 def test_prompt_to_image_end_to_end(t2i_run, t5_dir, vq_ckpt):
-    """Prompt -> cleaned -> tiny T5 features -> trained tiny t2i GPT (guided) -> tokens -> VQ image."""
-    emb, mask = text.encode_prompts(["A RED disc!", "a picture of green stripes"], t5_path=t5_dir)
-    model = gpt.GPT.from_checkpoint(data.load_checkpoint(t2i_run / "checkpoints" / "last.pt"))
-    emb, mask = text.fit_condition(emb, mask, model.config.cls_token_num, model.config.caption_dim)
+    """Prompt -> cleaned -> tiny T5 features -> trained tiny t2i GPT (guided) -> tokens -> image."""
+    model = gpt.GPT.from_checkpoint(common.load_checkpoint(t2i_run / "checkpoints" / "last.pt"))
+    args = caption_args(prompt=["A RED disc!", "a picture of green stripes"], t5_path=t5_dir)
+    emb, mask = text.caption_condition(args, model.config, "cpu")
     tokens = gpt.generate(
         model,
         emb,
@@ -503,7 +542,7 @@ def test_prompt_to_image_end_to_end(t2i_run, t5_dir, vq_ckpt):
         generator=torch.Generator().manual_seed(0),
     )
     assert tokens.shape == (2, 16) and 0 <= tokens.min() and tokens.max() < 1024
-    images = vq.VQModel.from_checkpoint(data.load_checkpoint(vq_ckpt)).decode_code(tokens)
+    images = vq.VQModel.from_checkpoint(common.load_checkpoint(vq_ckpt)).decode_code(tokens)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
 
 
@@ -511,11 +550,11 @@ def test_sample_py_prompts_and_caption_features(t2i_run, t5_dir, vq_ckpt, tmp_pa
     import sample
 
     (tmp_path / "prompts.txt").write_text("a picture of green stripes\n\n")
-    common = ["--gpt-ckpt", str(t2i_run / "checkpoints" / "last.pt"), "--vq-ckpt", str(vq_ckpt)]
+    ckpts = ["--gpt-ckpt", str(t2i_run / "checkpoints" / "last.pt"), "--vq-ckpt", str(vq_ckpt)]
     out = sample.main(
         sample.parse_args(
             [
-                *common,
+                *ckpts,
                 "--prompt",
                 "a red disc",
                 "a blue checker",
@@ -529,10 +568,10 @@ def test_sample_py_prompts_and_caption_features(t2i_run, t5_dir, vq_ckpt, tmp_pa
         )
     )
     assert Image.open(out).size == (2 + 3 * 34, 2 + 34)  # 3 images of 32 px in one row
-    emb, mask = text.encode_prompts(["a red disc"], t5_path=t5_dir)
+    emb, mask = text.TextEncoder(t5_dir).encode(["a red disc"])
     torch.save({"emb": emb, "mask": mask}, tmp_path / "c.pt")
     args = sample.parse_args(
-        [*common, "--caption-features", str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.png")]
+        [*ckpts, "--caption-features", str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.png")]
     )
     assert Image.open(sample.main(args)).size == (36, 36)
     assert (args.cfg_scale, args.top_k, args.top_p, args.temperature) == (
@@ -541,12 +580,12 @@ def test_sample_py_prompts_and_caption_features(t2i_run, t5_dir, vq_ckpt, tmp_pa
         1.0,
         1.0,
     )  # official t2i
-    with pytest.raises(data.UserError, match="text-to-image GPT: pass --prompt"):
-        sample.main(sample.parse_args([*common, "--labels", "1"]))
+    with pytest.raises(common.UserError, match="is a t2i GPT: text-to-image takes --prompt"):
+        sample.main(sample.parse_args([*ckpts, "--labels", "1"]))
 
 
 def test_sample_py_fetches_the_released_t2i_files(http_server, monkeypatch, tmp_path):
-    """No checkpoint given + prompts -> peizesun/llamagen_t2i files (served locally, tiny stand-ins)."""
+    """No checkpoint + prompts -> peizesun/llamagen_t2i files (served locally, tiny stand-ins)."""
     import sample
 
     torch.manual_seed(0)
@@ -555,9 +594,10 @@ def test_sample_py_fetches_the_released_t2i_files(http_server, monkeypatch, tmp_
     )  # downsample 16
     repo = http_server.directory / "peizesun" / "llamagen_t2i" / "resolve" / "main"
     repo.mkdir(parents=True)
+    # the GPT in the official container; the VQ in ours (official VQ files are vq.py's presets)
     torch.save(
-        {"model": vq.VQModel(ds16).state_dict()}, repo / "vq_ds16_t2i.pt"
-    )  # official containers
+        {"model": vq.VQModel(ds16).state_dict(), "config": asdict(ds16)}, repo / "vq_ds16_t2i.pt"
+    )
     torch.save({"model": tiny_t2i().state_dict()}, repo / "t2i_XL_stage1_256.pt")
     monkeypatch.setenv("HF_ENDPOINT", http_server.url)
     emb, mask = left_padded_captions(B=1, lengths=(9,))
@@ -589,7 +629,7 @@ def test_sample_py_without_transformers(monkeypatch, capsys, t2i_run, vq_ckpt):
         "a cat",
     ]
     with pytest.raises(SystemExit) as exit_info:
-        data.cli(sample.main, lambda: sample.parse_args(argv))
+        common.cli(sample.main, lambda: sample.parse_args(argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "pip install transformers sentencepiece" in err and "google/flan-t5-xl" in err
