@@ -71,11 +71,12 @@ def file_digest(path, algo="sha256") -> str:
     return h.hexdigest()
 
 
-def download(url, filename=None, sha256=None, size=None, desc=None, retries=2) -> Path:
+def download(url, filename=None, sha256=None, size=None, desc=None, check=None, retries=2):
     """The cached path of `url`, downloaded first if needed: a killed download resumes its `.part`
     (HTTP Range), and the file is renamed into the cache only after its size and sha256 (a full
     digest or a prefix) match; the Hugging Face Hub's ETag is the file's sha256 when none is
-    given."""
+    given. check(path) may raise a UserError when the file is not what it claims to be (an error
+    page saved under a checkpoint's name): it is removed and never cached. -> the cached Path."""
     import requests
     from tqdm import tqdm
 
@@ -109,7 +110,7 @@ def download(url, filename=None, sha256=None, size=None, desc=None, retries=2) -
                     bar.update(f.write(chunk))
         except (requests.RequestException, OSError) as e:
             if retries:  # a dropped connection: ask again for the rest
-                return download(url, filename, sha256, size, desc, retries - 1)
+                return download(url, filename, sha256, size, desc, check, retries - 1)
             raise UserError(
                 f"download of {url} broke off ({type(e).__name__}); run again"
             ) from None
@@ -121,6 +122,11 @@ def download(url, filename=None, sha256=None, size=None, desc=None, retries=2) -
         if sha256 and not file_digest(part).startswith(sha256)
         else None
     )
+    try:
+        if problem is None and check is not None:
+            check(part)
+    except UserError as e:
+        problem = f"is not what it should be ({str(e)[:150]})"
     if problem:
         part.unlink()
         raise UserError(f"the download of {url} {problem}: removed it; run again or {hint}")
@@ -327,10 +333,11 @@ def load_checkpoint(path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:  # RuntimeError for truncated zips, UnpicklingError for objects, ...
             if not (mmap and "mmap" in str(e)):
-                first = (str(e).splitlines() or [""])[0]
+                # torch's own message goes on to advise weights_only=False: never for a file
+                # of unknown origin, so only its type is passed on
                 raise UserError(
-                    f"cannot load {path} as a plain PyTorch checkpoint "
-                    f"({type(e).__name__}: {first[:200]})"
+                    f"cannot load {path} as a plain PyTorch checkpoint ({type(e).__name__}): "
+                    "a truncated or corrupt file, another format, or one holding Python objects"
                 ) from None
 
 
@@ -351,6 +358,30 @@ def run_dir(root, name, resume=None) -> Path:
     return Path(out[0])
 
 
+def resume_args(args, parser, saved: dict, may_change) -> list:
+    """A bare --resume continues the saved run: every flag takes its saved value unless the
+    command line gave another (a value that differs from the flag's default). Only the flags in
+    may_change (logging, checkpoint cadence, the step budget, ...) may differ; another changed
+    flag is refused, since the run would no longer be the one that was saved. -> the flags
+    that were changed, for the start-up line."""
+    changed = []
+    for key, value in saved.items():
+        given = getattr(args, key, value)
+        if given == value or key == "resume":
+            continue
+        if given == parser.get_default(key):  # not on the command line: the saved value
+            setattr(args, key, value)
+        elif key in may_change:
+            changed.append(f"{key} {value} -> {given}")
+        else:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(
+                f"{flag} {given} differs from the resumed run's {value}; resume without it, or "
+                "start a new run (--finetune for the VQ) to change it"
+            )
+    return changed
+
+
 def save_checkpoints(obj, folder, step: int, env: Env):
     """Rank 0 writes checkpoints/{step:07d}.pt and last.pt; every rank waits for it (DiT)."""
     if env.rank == 0:
@@ -361,10 +392,16 @@ def save_checkpoints(obj, folder, step: int, env: Env):
 
 
 class JsonlLogger:
-    """Appends one JSON object per line (rank 0 only)."""
+    """Appends one JSON object per line (rank 0 only). A resumed run first drops the lines of
+    steps after its checkpoint (logged by the run that was killed), so no step appears twice."""
 
-    def __init__(self, path):
+    def __init__(self, path, resume_step=None):
         self.path = Path(path)
+        if resume_step is not None and is_main() and self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
+            with atomic_write(self.path, "w") as f:
+                f.writelines(kept)
 
     def log(self, record: dict):
         if is_main():

@@ -460,9 +460,9 @@ def config_from_state_dict(sd: dict, block_size: int | None) -> GPTConfig:
 # Sampling (official generate.py)
 
 
-def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None) -> torch.Tensor:
-    """One token per row of logits (B, V) -> (B, 1); top-k keeps ties, top-p keeps the first
-    token past p (the HF filter the official code uses)."""
+def probs(logits, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
+    """Logits (..., V) -> the distribution a token is drawn from: temperature, then top-k (keeps
+    ties), then top-p (keeps the first token past p: the HF filter the official code uses)."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
@@ -472,18 +472,26 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None) -> torch
         drop = sorted_logits.softmax(-1).cumsum(-1) > top_p
         drop = F.pad(drop[..., :-1], (1, 0))  # shift right: keep the first token past top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -float("inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return logits.softmax(-1)
 
 
-def decode_one_token(model: GPT, x, input_pos, kv_len: int, emb_mask, cfg_scale, use_cfg: bool):
-    """Embeddings x (N, S, dim) at input_pos (S,) -> logits of the last position (B, V), guided:
-    rows [cond; uncond] -> uncond + s * (cond - uncond), or cond alone once past cfg_interval
-    (both halves are still computed, as official). Safe to torch.compile(fullgraph=True)."""
-    logits = model.output(model.transform(x, input_pos, emb_mask, kv_len)[:, -1]).float()
+def draw(p, generator=None) -> torch.Tensor:
+    """One token from each distribution p (..., V) -> (...) int64."""
+    return torch.multinomial(p.flatten(0, -2), 1, generator=generator).view(p.shape[:-1])
+
+
+def decode_one_token(model: GPT, x, pos, kv_len: int, emb_mask, cfg_scale, cfg_interval, last=1):
+    """Embeddings x (N, S, dim) at positions pos (S,) -> logits (B, last, V) of the last `last`
+    positions, guided: rows [cond; uncond] -> uncond + s * (cond - uncond) (paper Sec. 2.4), or
+    cond alone once the fed token's index passes cfg_interval (both halves are still computed,
+    as official). Safe to torch.compile(fullgraph=True)."""
+    logits = model.output(model.transform(x, pos, emb_mask, kv_len)[:, -last:]).float()
     if cfg_scale <= 1.0:
         return logits
     cond, uncond = logits.chunk(2)
-    return uncond + (cond - uncond) * cfg_scale if use_cfg else cond
+    fed = pos[-last:] - model.config.cls_token_num  # index of the image token fed at each position
+    use_cfg = (fed <= cfg_interval) | (cfg_interval <= -1)  # official float compare
+    return torch.where(use_cfg[:, None], uncond + (cond - uncond) * cfg_scale, cond)
 
 
 @torch.no_grad()
@@ -494,12 +502,20 @@ def generate(
     cfg_interval: float = -1,
     emb_mask: torch.Tensor | None = None,
     decode_fn=None,
-    **sampling,
+    jacobi_window: int = 0,
+    prefix: torch.Tensor | None = None,
+    stats: dict | None = None,
+    generator: torch.Generator | None = None,
+    **filters,
 ) -> torch.Tensor:
     """Sample (B, block_size) int64 image tokens for labels (B,) or captions (B, n_cond,
-    caption_dim) with emb_mask (B, n_cond); **sampling: temperature, top_k, top_p, generator.
-    decode_fn: a torch.compile'd `decode_one_token` (gpt-fast); it then attends over the whole
-    (masked) cache so shapes stay static for CUDA graphs, and the caches stay for the next call."""
+    caption_dim) with emb_mask (B, n_cond); **filters: temperature, top_k, top_p.
+
+    prefix (B, K): image tokens kept as given; sampling continues at token K. decode_fn: a
+    torch.compile'd `decode_one_token` (gpt-fast); it then attends over the whole (masked) cache
+    so shapes stay static for CUDA graphs, and the caches stay for the next call.
+    jacobi_window W > 0: speculative Jacobi decoding (`_jacobi`), the same distribution in fewer
+    forward passes. stats: a dict that receives "forward_passes" (the prefill counts one)."""
     c, device = model.config, cond.device
     n_cond, L = c.cls_token_num, c.block_size
     t2i, guided = c.model_type == "t2i", cfg_scale > 1.0
@@ -509,6 +525,9 @@ def generate(
         )
     if guided and not t2i and c.class_dropout_prob <= 0:
         raise ValueError("cfg_scale > 1 needs the null class (class_dropout_prob > 0)")
+    K = 0 if prefix is None else prefix.shape[1]
+    if K >= L:
+        raise ValueError(f"a prefix of {K} tokens leaves nothing to sample (block_size {L})")
     # guidance doubles the batch to [cond; null]: the null class, or the stored null caption;
     # a t2i uncond row keeps the cond row's padding mask (official)
     B, copies = len(cond), 1 + guided
@@ -518,21 +537,93 @@ def generate(
     was_training = model.training
     model.eval()  # caches in the weights' dtype (official: bf16 when the model is cast to bf16)
     model.setup_caches(len(cond), max_seq, model.tok_embeddings.weight.dtype, device)
+    tokens = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L)
     x = model.cls_embedding(cond, torch.arange(len(cond), device=device) >= B)[:, :n_cond]
-    pos, tokens, start = torch.arange(max_seq, device=device), [], 0
-    try:  # step 0 (prefill) runs the condition positions; step i feeds token i - 1 back in
-        for i in range(L):
-            end = n_cond + i  # positions start..end-1 are filled after this step
-            use_cfg = cfg_interval <= -1 or i - 1 <= cfg_interval  # official float compare
-            # eager attends over the filled prefix; compiled over the whole (masked) cache with
-            # fixed shapes, so CUDA graphs can replay (the prefill's shape differs: eager too)
-            eager = decode_fn is None or i == 0
-            step, kv_len = (decode_one_token, end) if eager else (decode_fn, max_seq)
-            logits = step(model, x, pos[start:end], kv_len, emb_mask, cfg_scale, use_cfg)
-            tokens.append(sample(logits, **sampling))  # (B, 1)
-            x, start = model.tok_embeddings(torch.cat([tokens[-1]] * copies)), end  # both halves
+    if K:
+        tokens[:, :K] = prefix
+        x = torch.cat([x, model.tok_embeddings(prefix.repeat(copies, 1))], 1)
+    pos, guide = torch.arange(max_seq, device=device), (emb_mask, cfg_scale, cfg_interval)
+    try:  # prefill: the condition (and the prefix) in one pass, always eager -> token K
+        logits = decode_one_token(model, x, pos[: n_cond + K], n_cond + K, *guide)
+        tokens[:, K] = draw(probs(logits[:, -1], **filters), generator)
+        if jacobi_window > 0:
+            passes = 1 + _jacobi(
+                model, tokens, K + 1, jacobi_window, copies, guide, generator, filters
+            )
+        else:
+            passes = L - K
+            for i in range(K + 1, L):  # feed token i - 1 -> token i
+                # eager attends over the filled prefix; compiled over the whole (masked) cache
+                # with fixed shapes, so CUDA graphs can replay
+                step, kv_len = (decode_fn, max_seq) if decode_fn else (decode_one_token, n_cond + i)
+                x = model.tok_embeddings(tokens[:, i - 1 : i].repeat(copies, 1))  # both halves
+                logits = step(model, x, pos[n_cond + i - 1 : n_cond + i], kv_len, *guide)
+                tokens[:, i] = draw(probs(logits[:, -1], **filters), generator)
     finally:
         if decode_fn is None:  # compiled graphs keep the same cache buffers for the next call
             model.teardown_caches()
         model.train(was_training)
-    return torch.cat(tokens, dim=1)
+    if stats is not None:
+        stats["forward_passes"] = passes
+    return tokens
+
+
+def _jacobi(model: GPT, tokens, n0: int, window: int, copies, guide, generator, filters) -> int:
+    """Speculative Jacobi decoding (Teng et al., ICLR 2025, arXiv 2410.01699): fill tokens
+    (B, L) from n0 accepted tokens per row in place, W = `window` drafts per row checked per
+    forward pass (copies = 2 with guidance); returns the number of passes.
+
+    Why the distribution stays exact: a draft x_i was drawn from a known q_i. Given the tokens
+    before it, the pass gives the true next-token distribution p_i (guided and filtered exactly
+    as ordinary sampling). Accepting x_i with probability min(1, p_i(x_i) / q_i(x_i)), and else
+    drawing from normalize(max(0, p_i - q_i)), yields x_i ~ p_i: P(x) = min(q(x), p(x)) +
+    (1 - sum_y min(q(y), p(y))) * (p(x) - min(q(x), p(x))) / (1 - sum_y min(q(y), p(y))) = p(x).
+    Each row stops at its own first rejection (never at the batch minimum, which would bias it),
+    accepted tokens are never checked again, and p_i depends only on tokens before i, so the
+    drafts after a rejection may be anything drawn from a known q: we take this pass's p there.
+    A fresh position's draft is the token one grid row above (the token to its left in the top
+    row): a point mass, q = one-hot, so it is accepted with probability p(x) (the spatial prior
+    of the paper). The KV cache holds only accepted tokens: each pass re-feeds every row from
+    the earliest token whose keys and values are not final, overwriting what a rejected draft
+    left there, and attends over the fed window causally."""
+    c = model.config
+    (B, L), V, g, n_cond = tokens.shape, c.vocab_size, c.grid_size, c.cls_token_num
+    rows, device = torch.arange(B, device=tokens.device), tokens.device
+    q = torch.zeros(B, L, V, device=device)  # the distribution each draft was drawn from
+    n = torch.full((B,), n0, device=device)  # accepted tokens per row
+    drafted = n.clone()  # tokens < drafted hold an accepted token or a draft
+    passes = 0
+    while (n < L).any():
+        # feed tokens start..end-1: from the earliest row's newest (uncached) accepted token to W
+        # drafts past the furthest row; fed token j gives p of token j + 1
+        start, end = int(n.min()) - 1, min(L - 1, int(n.max()) + window)
+        for t in range(int(drafted.min()), end):  # fresh drafts, point masses
+            new = drafted <= t
+            tokens[new, t] = tokens[new, t - g if t >= g else t - 1]
+            q[new, t] = F.one_hot(tokens[new, t], V).float()
+        drafted = drafted.clamp(min=end)
+        x = model.tok_embeddings(tokens[:, start:end].repeat(copies, 1))
+        pos = torch.arange(n_cond + start, n_cond + end, device=device)
+        p = probs(
+            decode_one_token(model, x, pos, n_cond + end, *guide, last=end - start), **filters
+        )
+        passes += 1
+        # check each row's drafts n..end-1 in order; token `end` has none (q = 0): always drawn
+        t = torch.arange(start + 1, end + 1, device=device)  # (S,) the tokens p is for
+        q_win = torch.cat([q[:, start + 1 : end], torch.zeros_like(q[:, :1])], 1)  # (B, S, V)
+        x_t = tokens[:, start + 1 : end + 1, None]
+        p_x, q_x = p.gather(2, x_t)[..., 0], q_win.gather(2, x_t)[..., 0]  # (B, S)
+        u = torch.rand(p_x.shape, generator=generator, device=device)
+        reject = (t >= n[:, None]) & ((u * q_x >= p_x) | (t == end))
+        r = reject.float().argmax(1)  # column of each row's first rejection (or of `end`)
+        resid = (p[rows, r] - q_win[rows, r]).clamp(min=0)  # normalize(max(0, p - q))
+        resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p[rows, r])
+        redraft, fixed = draw(p, generator), draw(resid, generator)
+        active = n < L
+        after = active[:, None] & (t > (start + 1 + r)[:, None])  # (B, S) new drafts ~ p
+        tokens[:, start + 1 : end + 1] = torch.where(after, redraft, x_t[..., 0])
+        q[:, start + 1 : end + 1] = torch.where(after[..., None], p, q[:, start + 1 : end + 1])
+        tokens[rows[active], (start + 1 + r)[active]] = fixed[active]
+        drafted = torch.where(active, end + 1, drafted).clamp(max=L)
+        n = torch.where(active, start + 2 + r, n)
+    return passes

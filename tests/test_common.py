@@ -279,3 +279,39 @@ def test_cli_error_gets_its_own_line_after_a_progress_bar():
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.splitlines()[-1] == "error: bad input"
+
+
+def test_download_check_rejects_an_error_page(http_server):
+    url = _serve(http_server, "vq_ds16_c2i.pt", b"<html>rate limited</html>")
+    with pytest.raises(common.UserError, match="is not what it should be .*removed it") as e:
+        common.download(url, check=common.load_checkpoint)
+    assert "weights_only=False" not in str(e.value)
+    assert not any(common.cache_dir().iterdir())  # nothing cached, nothing half-written
+
+
+def test_resume_args_continue_the_saved_run():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    for flag, default in (("--lr", 1e-4), ("--max-steps", None), ("--global-batch-size", 256)):
+        parser.add_argument(flag, type=type(default or 1), default=default)
+    parser.add_argument("--resume")
+    saved = {"lr": 1e-3, "max_steps": 100, "global_batch_size": 32, "resume": None}
+    args = parser.parse_args(["--resume", "x.pt"])  # bare: everything as saved
+    assert common.resume_args(args, parser, saved, {"max_steps"}) == []
+    assert (args.lr, args.max_steps, args.global_batch_size) == (1e-3, 100, 32)
+    args = parser.parse_args(["--resume", "x.pt", "--max-steps", "200"])
+    assert common.resume_args(args, parser, saved, {"max_steps"}) == ["max_steps 100 -> 200"]
+    args = parser.parse_args(["--resume", "x.pt", "--global-batch-size", "64"])
+    with pytest.raises(common.UserError, match="--global-batch-size 64 differs from .* 32"):
+        common.resume_args(args, parser, saved, {"max_steps"})
+
+
+def test_log_drops_the_steps_of_a_killed_run_on_resume(tmp_path):
+    log = common.JsonlLogger(tmp_path / "log.jsonl")
+    for step in (10, 20, 30):  # the run was killed after logging step 30, saved at step 20
+        log.log({"step": step})
+    log = common.JsonlLogger(tmp_path / "log.jsonl", resume_step=20)
+    log.log({"step": 30})
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30]
