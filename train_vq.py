@@ -1,41 +1,43 @@
-"""Train the LlamaGen VQ tokenizer (arXiv 2406.06525): reconstruction, codebook, LPIPS and PatchGAN losses.
+"""Train the LlamaGen VQ tokenizer (arXiv 2406.06525, Sec. 2.1-2.2): reconstruction, codebook,
+LPIPS and PatchGAN losses.
 
-Follows the official `tokenizer/tokenizer_image/vq_train.py`, `vq_loss.py` and `lpips.py`. One script for
-the CPU, one GPU and `torchrun` (DDP). Checkpoints load with `vq.VQModel.from_checkpoint`.
+Follows the official `tokenizer/tokenizer_image/vq_train.py`, `vq_loss.py` and `lpips.py`. One
+script for the CPU, one GPU and `torchrun` (DDP). Checkpoints load with
+`vq.VQModel.from_checkpoint(common.load_checkpoint(path))`.
 
     python data.py toy data/toy --num-classes 4 --per-class 64 --size 64
-    python train_vq.py --vq-model tiny --data-path data/toy --image-size 64 --global-batch-size 16 \
-        --max-steps 200 --perceptual-weight 0 --disc-weight 0 --log-every 10 --sample-every 100   # ~6 min
-    torchrun --standalone --nproc_per_node=8 train_vq.py --vq-model VQ-16 --data-path imagenet/train \
-        --image-size 256 --global-batch-size 128 --lr 1e-4 --epochs 40 --disc-start 20000 --disc-weight 0.5
-    python train_vq.py ... --resume results/000-VQ-16/checkpoints/last.pt     # continues exactly
-    python train_vq.py ... --finetune vq_ds16_c2i.pt --disc-start 0           # new run from released weights
+    python train_vq.py --model tiny --data-path data/toy --image-size 64 --global-batch-size 16 \
+        --max-steps 300 --perceptual-weight 0 --disc-weight 0 --log-every 50   # ~3 min on a CPU
+    torchrun --standalone --nproc_per_node=8 train_vq.py --model VQ-16 --data-path imagenet/train \
+        --image-size 256 --global-batch-size 128 --epochs 40 --disc-start 20000 --disc-weight 0.5
+    python train_vq.py ... --resume results/000-VQ-16/checkpoints/last.pt   # continues exactly
+    python train_vq.py ... --finetune vq_ds16_c2i.pt --disc-start 0         # from released weights
     python -m pytest tests/test_train_vq.py -q
 
-Differences from the official trainer: LPIPS stays in eval mode (the official `.train()` call re-enables the
-dropout of its lin heads); the non-saturating GAN losses are the textbook ones (the official swaps the BCE
-arguments); the discriminator is not run before --disc-start (the official runs it with weight 0, which
-leaves its weights unchanged); --resume continues mid-epoch instead of rounding down to an epoch.
+Differences from the official trainer: LPIPS stays in eval mode (the official `.train()` call
+re-enables the dropout of its lin heads); the non-saturating GAN losses are the textbook ones (the
+official swaps the BCE arguments); the discriminator is not run before --disc-start (the official
+runs it with weight 0, which leaves its weights unchanged); --resume continues mid-epoch instead of
+rounding down to an epoch.
 """
 
 import argparse
 import copy
-import re
+import functools
 import time
 from collections import OrderedDict
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import common
 import data
-from data import UserError
+from common import UserError
 from vq import VQ_CONFIGS, VQConfig, VQModel
 
 EMA_DECAY = 0.9999  # official --ema decay
@@ -43,169 +45,122 @@ ADAM_BETAS = (0.9, 0.95)  # official, both nets (plain Adam: its --weight-decay 
 
 # ----------------------------------------------------------------------------- LPIPS (VGG16, v0.1)
 
-# torchvision's IMAGENET1K_V1 file (~528 MB); its name carries the first hex digits of its sha256
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+# torchvision's IMAGENET1K_V1 file (~528 MB); its name carries the first hex digits of its sha256,
+# which torchvision checks, and so do we
+VGG16_URL, VGG16_SHA256 = "https://download.pytorch.org/models/vgg16-397923af.pth", "397923af"
 VGG16_FEATURES_FILE = "vgg16_features.pt"  # what we keep of it: the 13 convs of `features` (~59 MB)
-LIN_WEIGHTS = dict(
+LIN_WEIGHTS = dict(  # the official heads; the spec gives md5 d507d7349b931f0638a25a48a722f98a
     url="https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
     filename="lpips_vgg_v0.1.pth",
-    md5="d507d7349b931f0638a25a48a722f98a",
+    sha256="a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
     size=7289,
 )
-VGG16_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-LPIPS_SLICES = [
-    (0, 4),
-    (4, 9),
-    (9, 16),
-    (16, 23),
-    (23, 30),
-]  # -> relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-LPIPS_CHANNELS = [64, 128, 256, 512, 512]
+# VGG16's five stages: conv3x3 + ReLU pairs of these widths, a 2x2 max pool before each stage but
+# the first. LPIPS taps each stage's last ReLU (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
+LPIPS_CHANNELS, VGG16_CONVS = [64, 128, 256, 512, 512], [2, 2, 3, 3, 3]
 # ImageNet mean/std re-expressed for inputs in [-1, 1]
 LPIPS_SHIFT, LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
 
 
-def vgg16_features() -> list:
-    """torchvision's vgg16().features as a list (indices 0..29): conv3x3 + ReLU, 2x2 max pools."""
-    layers, c = [], 3
-    for v in VGG16_LAYERS:
-        layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
-        c = c if v == "M" else v
-    return layers
-
-
-def fetch_lpips_weights():
-    """Cached paths of (VGG16 conv weights, LPIPS lin heads), downloaded on first use."""
-    cache, lin = data.cache_dir(), LIN_WEIGHTS
-    features = cache / VGG16_FEATURES_FILE
+def fetch_lpips_weights() -> list:
+    """Cached paths of the VGG16 conv weights and the LPIPS lin heads, downloaded on first use."""
+    features = common.cache_dir() / VGG16_FEATURES_FILE
     try:
-        lin_path = data.download(
-            lin["url"], lin["filename"], md5=lin["md5"], size=lin["size"], desc="LPIPS heads"
-        )
+        lin = common.download(**LIN_WEIGHTS, desc="LPIPS heads")
         if not features.is_file():
-            full = data.download(VGG16_URL, desc="VGG16 ImageNet weights")
-            prefix = re.search(
-                r"-([0-9a-f]{8,})\.", full.name
-            )  # torchvision's check: sha256 starts with it
-            if prefix and not data.file_digest(full, "sha256").startswith(prefix.group(1)):
-                full.unlink()
-                raise UserError(
-                    f"the sha256 of {full.name} does not start with {prefix.group(1)}; removed it"
-                )
-            sd = data.load_checkpoint(full)
-            data.save_checkpoint(
-                {k: v.clone() for k, v in sd.items() if k.startswith("features.")}, features
+            full = common.download(VGG16_URL, sha256=VGG16_SHA256, desc="VGG16 ImageNet weights")
+            sd = common.load_checkpoint(full)
+            common.save_checkpoint(
+                {k: v for k, v in sd.items() if k.startswith("features.")}, features
             )
             full.unlink()  # keep the 59 MB of convolutions, not the 528 MB with the classifier
-            full.with_name(full.name + ".json").unlink(missing_ok=True)
     except UserError as e:
         raise UserError(
-            f"the perceptual loss needs {VGG16_URL.rsplit('/', 1)[-1]} ({VGG16_URL}) and {lin['filename']} ({lin['url']}) "
-            f"in {cache} (set by LLAMAGEN_CACHE) but could not get them ({e}); put them there, or train "
-            f"without the perceptual loss: --perceptual-weight 0"
+            f"the perceptual loss needs {VGG16_URL} and {LIN_WEIGHTS['url']} (saved as "
+            f"{LIN_WEIGHTS['filename']}) in {common.cache_dir()} (set by LLAMAGEN_CACHE) but could "
+            f"not get them ({e}); put them there, or train without it: --perceptual-weight 0"
         ) from None
-    return features, lin_path
+    return [features, lin]
 
 
 class LPIPS(nn.Module):
-    """LPIPS-VGG16 v0.1 distance, images (B, 3, H, W) in [-1, 1] -> (B,); frozen, always in eval mode.
+    """LPIPS-VGG16 v0.1 distance, images (B, 3, H, W) in [-1, 1] -> (B,); frozen, always eval.
 
-    Keys as the official lpips.py (scaling_layer.*, net.slice{1..5}.{i}.*, lin{0..4}.model.1.weight).
+    Keys as the official lpips.py: scaling_layer.{shift,scale}, net.slice{1..5}.{i}.* (i the
+    index in torchvision's vgg16().features) and lin{0..4}.model.1.weight.
     """
 
     def __init__(self, pretrained: bool = True):
         super().__init__()
         self.scaling_layer = nn.Module()
-        self.scaling_layer.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
-        self.scaling_layer.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1))
-        layers, self.net = vgg16_features(), nn.Module()
-        for k, (a, b) in enumerate(LPIPS_SLICES):  # torchvision's index kept inside each slice
-            self.net.add_module(
-                f"slice{k + 1}",
-                nn.Sequential(OrderedDict((str(i), layers[i]) for i in range(a, b))),
-            )
+        for name, value in ("shift", LPIPS_SHIFT), ("scale", LPIPS_SCALE):
+            self.scaling_layer.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1))
+        self.net, c, index = nn.Sequential(), 3, 0  # index: the layer's in vgg16().features
+        for k, (width, n_convs) in enumerate(zip(LPIPS_CHANNELS, VGG16_CONVS)):
+            layers = [nn.MaxPool2d(2, 2)] if k else []
+            for _ in range(n_convs):
+                layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU()]
+                c = width
+            named = OrderedDict((str(index + j), layer) for j, layer in enumerate(layers))
+            self.net.add_module(f"slice{k + 1}", nn.Sequential(named))  # slice2.5 = features.5
+            index += len(layers)
         for k, c in enumerate(LPIPS_CHANNELS):
-            lin = nn.Module()
-            # index 0 is the official Dropout(0.5): kept so the conv is `model.1`; inert, we never leave eval
-            lin.model = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(c, 1, 1, bias=False))
-            nn.init.uniform_(
-                lin.model[1].weight, 0.0, 2.0 / c
-            )  # random stand-in, >= 0 like the real heads
-            self.add_module(f"lin{k}", lin)
+            # index 0 is the official Dropout(0.5): kept so the conv is `model.1`; inert in eval
+            head = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(c, 1, 1, bias=False))
+            nn.init.uniform_(head[1].weight, 0.0, 2.0 / c)  # stand-in, >= 0 as the real ones
+            self.add_module(f"lin{k}", nn.Sequential(OrderedDict(model=head)))
         if pretrained:
-            features, lin_path = fetch_lpips_weights()
-            self.load_vgg(data.load_checkpoint(features), features)
-            self.load_lin(data.load_checkpoint(lin_path), lin_path)
+            self.load_weights(*map(common.load_checkpoint, fetch_lpips_weights()))
         self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True):
-        # Always eval. The official trainer calls .train() on the module holding LPIPS, which turns the
-        # p=0.5 dropout of the lin heads back on and adds noise to the perceptual loss; we do not.
+        # Always eval. The official trainer calls .train() on the module holding LPIPS, which turns
+        # the p=0.5 dropout of the lin heads back on and adds noise to the perceptual loss.
         return super().train(False)
 
-    def load_vgg(self, sd: dict, source="VGG16 weights"):
-        """Load torchvision's `features.{i}.weight/bias` (the 13 convs) into the five slices, strictly."""
-        mapped = {}
-        for key, t in self.net.state_dict().items():  # "slice2.5.weight" <- "features.5.weight"
-            src = "features." + key.split(".", 1)[1]
-            if src not in sd or sd[src].shape != t.shape:
-                raise UserError(
-                    f"{source} has no {src} of shape {tuple(t.shape)}: not torchvision's VGG16 file "
-                    f"(the LPIPS lin heads are a separate file)"
-                )
-            mapped[key] = sd[src]
-        self.net.load_state_dict(mapped, strict=True)
-
-    def load_lin(self, sd: dict, source="LPIPS lin weights"):
-        """Load the official heads lin{k}.model.1.weight (1, C, 1, 1); any other key layout raises."""
-        want = {f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS)}
-        got = {k: tuple(v.shape) for k, v in sd.items()}
-        if (
-            got != want
-        ):  # the official loads non-strictly and silently keeps random heads: check all five
+    def load_weights(self, vgg: dict, lin: dict):
+        """torchvision's VGG16 `features.{i}` convs into net.slice*.{i}, and the five official lin
+        heads, strictly: the official loads the heads non-strictly and would keep random ones."""
+        sd = {"net." + k: vgg.get("features." + k.split(".", 1)[1]) for k in self.net.state_dict()}
+        sd.update(lin)
+        try:
+            self.load_state_dict({**sd, **dict(self.named_buffers())})  # + scaling_layer.*
+        except RuntimeError as e:  # names the missing, unexpected or misshapen keys
             raise UserError(
-                f"{source} is not the LPIPS v0.1 VGG lin file: expected keys {list(want)}, got "
-                f"{sorted(got)[:5]} (the VGG16 trunk is a separate file)"
-            )
-        with torch.no_grad():
-            for k, v in sd.items():
-                self.get_parameter(k).copy_(v)
+                "expected torchvision's VGG16 file and the LPIPS v0.1 VGG lin file: "
+                + " ".join(str(e).split())[:300]
+            ) from None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         s = self.scaling_layer
         h = (torch.cat([x, y]) - s.shift) / s.scale  # (2B, 3, H, W): one trunk pass for both
-        dist = 0.0
-        for k in range(len(LPIPS_SLICES)):
-            h = getattr(self.net, f"slice{k + 1}")(h)
-            # unit length over channels; F.normalize divides by max(norm, eps) where the official adds eps:
-            # equal to 1e-10, but with a finite gradient where a whole feature vector is 0
+        distance = 0.0
+        for k, layer_slice in enumerate(self.net):
+            h = layer_slice(h)
+            # unit length over channels; F.normalize divides by max(norm, eps) where the official
+            # adds eps: equal to 1e-10, but with a finite gradient where a feature vector is 0
             fx, fy = F.normalize(h, dim=1, eps=1e-10).chunk(2)
-            dist = dist + getattr(self, f"lin{k}").model((fx - fy) ** 2).mean(dim=(2, 3))  # (B, 1)
-        return dist.flatten()
+            distance = distance + getattr(self, f"lin{k}")((fx - fy) ** 2).mean(dim=(2, 3))
+        return distance.flatten()  # (B,)
 
 
-# ----------------------------------------------------------------------------- PatchGAN and GAN losses
+# ------------------------------------------------------------------------ PatchGAN and GAN losses
 
 
 class PatchGANDiscriminator(nn.Module):
-    """pix2pix NLayerDiscriminator as official: (B, 3, H, W) -> logits (B, 1, H/8-2, W/8-2), 30x30 at 256."""
+    """pix2pix NLayerDiscriminator as official: (B, 3, H, W) -> logits (B, 1, H/8-2, W/8-2), one
+    per 70x70 patch (30x30 at 256)."""
 
-    def __init__(self, in_ch: int = 3, ndf: int = 64, n_layers: int = 3):
+    def __init__(self, ndf=64, n_layers=3):
         super().__init__()
-        layers, c = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
-        for n in range(
-            1, n_layers + 1
-        ):  # x2 channels per layer (at most 8 ndf); the last one at stride 1
+        layers, c = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
+        for n in range(1, n_layers + 1):  # x2 channels per layer (at most 8 ndf), last at stride 1
             out = ndf * min(2**n, 8)
-            layers += [
-                nn.Conv2d(c, out, 4, 2 if n < n_layers else 1, 1, bias=False),
-                nn.BatchNorm2d(out),
-                nn.LeakyReLU(0.2, True),
-            ]
+            conv = nn.Conv2d(c, out, 4, 2 if n < n_layers else 1, 1, bias=False)
+            layers += [conv, nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
             c = out
-        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
-        self.main = nn.Sequential(*layers)
+        self.main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
         for m in self.modules():  # official init; conv biases keep PyTorch's default
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
@@ -217,39 +172,41 @@ class PatchGANDiscriminator(nn.Module):
         return self.main(x)
 
 
-def non_saturating_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    # textbook BCE(D(x), 1) + BCE(D(x_hat), 0); the official passes the constant as the logits and D's
-    # output as the target (arguments swapped), which is not a GAN loss: not copied
-    return F.binary_cross_entropy_with_logits(
-        real, torch.ones_like(real)
-    ) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
-
-
 # discriminator losses of (D(x), D(x_hat)) logits; generator losses of D(x_hat)
 DISC_LOSSES = {
     "hinge": lambda real, fake: 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()),
     "vanilla": lambda real, fake: 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean()),
-    "non-saturating": non_saturating_d_loss,
+    # textbook BCE(D(x), 1) + BCE(D(x_hat), 0); the official passes the constant as the logits and
+    # D's output as the target (arguments swapped), which is not a GAN loss: not copied
+    "non-saturating": lambda real, fake: (
+        F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+        + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+    ),
 }
 GEN_LOSSES = {
     "hinge": lambda fake: -fake.mean(),
     "non-saturating": lambda fake: F.softplus(-fake).mean(),
 }
+RECONSTRUCTION_LOSSES = {"l2": F.mse_loss, "l1": F.l1_loss}
 
 
 def adaptive_weight(nll_loss, g_loss, last_layer: torch.Tensor) -> torch.Tensor:
-    """||grad nll|| / (||grad G|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4] (VQGAN)."""
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    """||grad nll|| / (||grad G|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4]: VQGAN's
+    balance of the GAN term against the reconstruction."""
+    nll_norm, g_norm = (
+        torch.autograd.grad(loss, last_layer, retain_graph=True)[0].norm()
+        for loss in (nll_loss, g_loss)
+    )
+    return (nll_norm / (g_norm + 1e-4)).clamp(0.0, 1e4).detach()
 
 
-def backward_and_step(loss, opt, scaler, params, max_grad_norm: float):
+def backward_and_step(loss, opt, scaler, max_grad_norm: float):
     """zero_grad, backward (scaled for fp16), clip the unscaled gradient norm, step."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # a no-op unless fp16; step() then knows it was done
     if max_grad_norm > 0:
-        scaler.unscale_(opt)
+        params = [p for group in opt.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     scaler.step(opt)
     scaler.update()
@@ -257,360 +214,243 @@ def backward_and_step(loss, opt, scaler, params, max_grad_norm: float):
 
 # ----------------------------------------------------------------------------- CLI
 
+# Every flag and its default (its type is the default's; False makes a switch; a table offers its
+# keys), the numbers of
+# the official vq_train.py. 0 for --max-steps, --codebook-size, --codebook-embed-dim: --epochs' and
+# the preset's instead.
+FLAGS = dict(
+    image_size=256,  # pixels per side: a multiple of the VQ's downsampling factor
+    global_batch_size=128,  # images per optimizer step, all processes together
+    epochs=40,
+    max_steps=0,
+    codebook_size=0,
+    codebook_embed_dim=0,
+    lr=1e-4,  # Adam's, for the VQ and the discriminator alike
+    max_grad_norm=1.0,  # 0 = no clipping
+    commit_loss_beta=0.25,  # beta of the commitment loss (Sec. 2.1)
+    entropy_loss_ratio=0.0,
+    reconstruction_weight=1.0,
+    perceptual_weight=1.0,  # LPIPS; 0 = no LPIPS and no download
+    disc_start=20000,  # the first step with the GAN losses
+    disc_weight=0.5,  # 0 = no discriminator at all
+    disc_adaptive_weight=False,  # VQGAN's adaptive GAN weight (the official leaves it off)
+    ema=False,  # keep an EMA of the weights (decay EMA_DECAY)
+    log_every=100,
+    ckpt_every=5000,
+    sample_every=1000,  # a PNG of inputs above their reconstructions; 0 = never
+    global_seed=0,
+    num_workers=common.NUM_WORKERS,  # DataLoader processes per rank
+    skip_bad_images=False,  # drop unreadable images (counted in the log) instead of stopping
+    compile=False,  # torch.compile the VQ
+    results_dir="results",
+    reconstruction_loss=RECONSTRUCTION_LOSSES,
+    disc_loss=DISC_LOSSES,
+    gen_loss=GEN_LOSSES,
+)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the LlamaGen VQ tokenizer.")
     p.add_argument("--data-path", required=True, help="class-per-folder image tree")
+    preset = functools.partial(common.preset, VQ_CONFIGS)  # "tiny" = "VQ-tiny"
     p.add_argument(
-        "--vq-model",
-        type=lambda s: s if s in VQ_CONFIGS else f"VQ-{s}",
-        choices=list(VQ_CONFIGS),
-        default="VQ-16",
+        "--model", "--vq-model", type=preset, default="VQ-16", help=", ".join(VQ_CONFIGS)
     )
-    p.add_argument("--codebook-size", type=int, default=None, help="override the preset's")
-    p.add_argument("--codebook-embed-dim", type=int, default=None, help="override the preset's")
-    p.add_argument("--commit-loss-beta", type=float, default=0.25)
-    p.add_argument("--entropy-loss-ratio", type=float, default=0.0)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--global-batch-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="stop after this many steps (overrides --epochs)",
-    )
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam, both the VQ and the discriminator")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
-    p.add_argument(
-        "--mixed-precision",
-        choices=["fp32", "bf16", "fp16"],
-        default=None,
-        help="default bf16 on a GPU, fp32 on the CPU (CPU bf16 convolutions are slower, not faster)",
-    )
-    p.add_argument(
-        "--ema", action="store_true", help=f"keep an EMA of the weights (decay {EMA_DECAY})"
-    )
-    p.add_argument("--reconstruction-loss", choices=["l2", "l1"], default="l2")
-    p.add_argument("--reconstruction-weight", type=float, default=1.0)
-    p.add_argument(
-        "--perceptual-weight",
-        type=float,
-        default=1.0,
-        help="LPIPS weight; 0 = no LPIPS, no download",
-    )
-    p.add_argument("--disc-start", type=int, default=20000, help="first step with the GAN losses")
-    p.add_argument("--disc-weight", type=float, default=0.5, help="0 = no discriminator at all")
-    p.add_argument("--disc-loss", choices=list(DISC_LOSSES), default="hinge")
-    p.add_argument("--gen-loss", choices=list(GEN_LOSSES), default="hinge")
-    p.add_argument(
-        "--disc-adaptive-weight", action="store_true", help="VQGAN adaptive weight (official: off)"
-    )
-    p.add_argument("--results-dir", default="results")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument(
-        "--resume", default=None, help="checkpoint to continue exactly where it stopped"
-    )
-    src.add_argument(
-        "--finetune", default=None, help="checkpoint to take weights from; steps start at 0"
-    )
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=5000)
-    p.add_argument(
-        "--sample-every",
-        type=int,
-        default=1000,
-        help="PNG of inputs above reconstructions; 0 = never",
-    )
-    p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument(
-        "--skip-bad-images", action="store_true", help="drop unreadable images (counted in the log)"
-    )
-    p.add_argument("--compile", action="store_true")
+    for name, default in FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        if default is False:
+            p.add_argument(flag, action="store_true")
+        elif isinstance(default, dict):  # a table of losses: its keys, the first by default
+            p.add_argument(
+                flag,
+                choices=list(default),
+                default=next(iter(default)),
+                help="default: %(default)s",
+            )
+        else:
+            p.add_argument(flag, type=type(default), default=default, help="default: %(default)s")
+    p.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"])  # None: bf16 on a GPU
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--resume", help="checkpoint to continue exactly where it stopped")
+    source.add_argument("--finetune", help="checkpoint to take weights from; steps start at 0")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- training
 
 
+def build_vq(args, source) -> VQModel:
+    """A fresh VQ of the preset, or the weights of `source` (the checkpoint to resume or tune)."""
+    losses = dict(
+        commit_loss_beta=args.commit_loss_beta, entropy_loss_ratio=args.entropy_loss_ratio
+    )
+    if source is None:
+        sizes = ("codebook_size", "codebook_embed_dim")
+        sizes = {k: getattr(args, k) for k in sizes if getattr(args, k)}
+        return VQModel(VQConfig.from_name(args.model, **losses, **sizes))
+    try:  # the trained weights, not the EMA: training continues from them
+        vq = VQModel.from_checkpoint(source, prefer_ema=False).train()
+    except ValueError as e:  # e.g. a GPT checkpoint
+        raise UserError(f"{args.resume or args.finetune}: {e}") from None
+    if args.finetune:  # the loss settings are this run's
+        vars(vq.config).update(losses)
+    return vq
+
+
+# what a checkpoint holds besides step, config, args and rng: Trainer attributes of these names
+PARTS = ("model", "ema", "discriminator", "optimizer", "optimizer_disc", "scaler", "scaler_disc")
+
+
+LOG_TERMS = [  # what train_step returns, in order; a log line has their means since the last one
+    *("gen_loss", "rec_loss", "perceptual_loss", "gen_adv_loss", "adaptive_weight", "vq_loss"),
+    *("commit_loss", "entropy_loss", "disc_loss", "logits_real", "logits_fake", "bad_images"),
+]
+
+
+class Trainer:
+    """The VQ and its PatchGAN, their optimizers, LPIPS and the EMA: built, resumed, stepped and
+    saved. self.vq / self.disc take the steps (DDP under torchrun); the unwrapped self.model and
+    self.discriminator are saved, EMA'd, and give the generator's GAN term."""
+
+    def __init__(self, args, env, ckpt):
+        self.args, self.env, self.step = args, env, ckpt["step"] if ckpt else 0
+        source = ckpt or (common.load_checkpoint(args.finetune) if args.finetune else None)
+        self.model = vq = build_vq(args, source).to(env.device)
+        if args.image_size % vq.config.downsample:
+            raise UserError(f"--image-size must be a multiple of {vq.config.downsample}")
+        self.lpips = None  # built before anything is written: a failed download stops the run
+        if args.perceptual_weight > 0:
+            if env.rank > 0:
+                dist.barrier()  # rank 0 downloads, the others then read its cache
+            self.lpips = LPIPS().to(env.device)
+            if env.rank == 0 and env.distributed:
+                dist.barrier()
+        self.discriminator = disc = PatchGANDiscriminator().to(env.device)
+        self.ema = copy.deepcopy(vq).requires_grad_(False) if args.ema else None
+        adam = functools.partial(torch.optim.Adam, lr=args.lr, betas=ADAM_BETAS)
+        self.optimizer, self.optimizer_disc = adam(vq.parameters()), adam(disc.parameters())
+        fp16 = env.precision == "fp16"  # loss scaling only for fp16
+        self.scaler, self.scaler_disc = (torch.amp.GradScaler(enabled=fp16) for _ in range(2))
+        if ckpt:
+            # a scaler saved disabled is {}, the EMA of a run without --ema None: both stay as
+            # built (the EMA then starts from the loaded weights)
+            for key, part in self.parts().items():
+                if part is not None and ckpt[key]:
+                    part.load_state_dict(ckpt[key])
+            common.restore_rng(ckpt["rng"], env)
+        elif isinstance(source and source.get("discriminator"), dict):
+            disc.load_state_dict(source["discriminator"])  # finetune from one of our checkpoints
+        self.vq, self.disc = torch.compile(vq) if args.compile else vq, disc
+        if env.distributed:  # the discriminator's BatchNorm stays plain, unsynced, as official
+            self.vq, self.disc = DDP(self.vq), DDP(disc)  # each on its one device already
+
+    def parts(self) -> dict:
+        """Checkpoint key -> the attribute saved there (anything with a state_dict)."""
+        return {key: getattr(self, key) for key in PARTS}
+
+    def train_step(self, images, labels, step: int):
+        """One generator step, then one discriminator step from --disc-start on (Sec. 2.2).
+
+        images (B, 3, S, S) in [-1, 1] -> (the readable ones, their reconstructions, codebook
+        usage, LOG_TERMS (12,))."""
+        args, ctx = self.args, self.env.ctx
+        x = images[labels >= 0].to(self.env.device, non_blocking=True)  # unreadable rows dropped
+        if len(x) == 0:
+            raise UserError(f"every image of a batch was unreadable; check {args.data_path}")
+        # step counts from 1 as the official global step; weight 0 = no GAN at all (the official
+        # scales its discriminator loss by it)
+        disc_on = args.disc_weight > 0 and step >= args.disc_start
+        zero = x.new_zeros(())
+        with ctx:  # generator: reconstruction + perceptual + adversarial + codebook terms
+            recon, (vq_loss, commit_loss, entropy_loss, usage) = self.vq(x)
+            rec = RECONSTRUCTION_LOSSES[args.reconstruction_loss](recon, x)
+            perceptual = self.lpips(x, recon).mean() if self.lpips else zero
+            nll = args.reconstruction_weight * rec + args.perceptual_weight * perceptual
+            gen_adv, weight = zero, zero + 1
+            if disc_on:  # gradients flow through D to the VQ; D's own are not needed
+                self.discriminator.requires_grad_(False)
+                gen_adv = GEN_LOSSES[args.gen_loss](self.discriminator(recon))
+                self.discriminator.requires_grad_(True)
+                if args.disc_adaptive_weight:
+                    weight = adaptive_weight(nll, gen_adv, self.model.decoder.conv_out.weight)
+            loss = nll + weight * args.disc_weight * gen_adv + vq_loss + commit_loss + entropy_loss
+        backward_and_step(loss, self.optimizer, self.scaler, args.max_grad_norm)
+        if self.ema is not None:
+            common.update_ema(self.ema, self.model, EMA_DECAY)
+
+        disc_loss = real = fake = zero  # the discriminator, on the detached reconstructions
+        if disc_on:
+            with ctx:  # two passes (BatchNorm statistics), as official
+                real, fake = self.disc(x), self.disc(recon.detach())
+                disc_loss = args.disc_weight * DISC_LOSSES[args.disc_loss](real, fake)
+            backward_and_step(disc_loss, self.optimizer_disc, self.scaler_disc, args.max_grad_norm)
+        terms = [loss, rec, perceptual, gen_adv, weight, vq_loss, commit_loss, entropy_loss]
+        terms += [disc_loss, real.mean(), fake.mean(), (labels < 0).sum().to(x)]
+        return x, recon.detach(), usage, torch.stack([t.detach().float() for t in terms])
+
+    def save(self, step: int, folder):
+        """All a resumed run needs to go on bit for bit, as checkpoints/{step}.pt and last.pt."""
+        state = {key: part and part.state_dict() for key, part in self.parts().items()}
+        state.update(step=step, config=asdict(self.model.config), args=vars(self.args))
+        state["rng"] = common.gather_rng(self.env)  # every rank's: each continues its own stream
+        common.save_checkpoints(state, folder, step, self.env)
+
+
+def log_means(sums, steps: int, env) -> dict:
+    """LOG_TERMS averaged over the steps and ranks since the last line (bad_images summed); the
+    one all-reduce, so that a step costs no communication (DiT)."""
+    if env.distributed:
+        dist.all_reduce(sums)
+    means = dict(zip(LOG_TERMS, (sums / (steps * env.world_size)).tolist()))
+    return {**means, "bad_images": int(sums[-1])}
+
+
 def main(args):
-    d = data.init_dist()
-    device = d.device
-    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "fp32")
-    ctx = data.autocast_ctx(device, precision)
-    if args.global_batch_size % d.world_size:
-        raise UserError(
-            f"--global-batch-size {args.global_batch_size} is not divisible by {d.world_size} processes"
-        )
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.global_seed * d.world_size + d.rank)
+    env = common.setup(args.mixed_precision)
+    if args.global_batch_size % env.world_size:
+        raise UserError(f"--global-batch-size must be divisible by {env.world_size} processes")
+    torch.manual_seed(args.global_seed * env.world_size + env.rank)
+    trainer = Trainer(args, env, args.resume and common.load_checkpoint(args.resume))
 
-    # the VQ: fresh, from a checkpoint to finetune, or from the checkpoint to resume
-    ckpt = data.load_checkpoint(args.resume) if args.resume else None
-    source = ckpt or (data.load_checkpoint(args.finetune) if args.finetune else None)
-    if source is not None:
-        try:
-            vq = VQModel.from_checkpoint(source, prefer_ema=False).train()
-        except ValueError as e:  # e.g. a GPT checkpoint
-            raise UserError(f"{args.resume or args.finetune}: {e}") from None
-        if ckpt is None:  # finetune: the loss settings are this run's
-            vq.config.commit_loss_beta, vq.config.entropy_loss_ratio = (
-                args.commit_loss_beta,
-                args.entropy_loss_ratio,
-            )
-    else:
-        overrides = {
-            k: v
-            for k, v in (
-                ("codebook_size", args.codebook_size),
-                ("codebook_embed_dim", args.codebook_embed_dim),
-            )
-            if v is not None
-        }
-        vq = VQModel(
-            VQConfig.from_name(
-                args.vq_model,
-                commit_loss_beta=args.commit_loss_beta,
-                entropy_loss_ratio=args.entropy_loss_ratio,
-                **overrides,
-            )
-        )
-    if args.image_size % vq.config.downsample:
-        raise UserError(
-            f"--image-size {args.image_size} is not a multiple of the downsampling {vq.config.downsample}"
-        )
-
-    # LPIPS before anything is written, so a missing download stops the run before its first step
-    lpips = None
-    if args.perceptual_weight > 0:
-        if d.rank != 0:
-            dist.barrier()  # rank 0 downloads first
-        lpips = LPIPS().to(device)
-        if d.rank == 0 and d.distributed:
-            dist.barrier()
-
+    # data: the ADM random crop + flip seeded by (seed, epoch, index), one DataLoader for the run
     dataset = data.ImageFolder(
-        args.data_path,
-        args.image_size,
-        augment="random",
-        skip_bad=args.skip_bad_images,
-        seed=args.global_seed,
+        args.data_path, args.image_size, "random", args.skip_bad_images, args.global_seed
     )
-    local_bs = args.global_batch_size // d.world_size
-    sampler = DistributedSampler(
-        dataset, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=args.global_seed
-    )
-    batches_per_epoch = len(sampler) // local_bs  # drop_last, as official
-    if batches_per_epoch == 0:
-        raise UserError(
-            f"{len(dataset)} images in {args.data_path} give less than one batch of {local_bs} per "
-            f"process; lower --global-batch-size"
-        )
-    total_steps = args.max_steps or args.epochs * batches_per_epoch
+    rank_batch, first = args.global_batch_size // env.world_size, trainer.step
+    sampler = common.TrainSampler(len(dataset), rank_batch, env, args.global_seed, first)
+    batches = sampler.batches(dataset, rank_batch, args.num_workers)
+    total = args.max_steps or args.epochs * sampler.steps_per_epoch
 
-    vq, disc = vq.to(device), PatchGANDiscriminator().to(device)
-    ema = copy.deepcopy(vq).requires_grad_(False) if args.ema else None
-    opt = torch.optim.Adam(vq.parameters(), lr=args.lr, betas=ADAM_BETAS)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=ADAM_BETAS)
-    scaler, scaler_d = (
-        torch.amp.GradScaler(device.type, enabled=precision == "fp16") for _ in range(2)
-    )
-    step = epoch = batch_idx = 0  # batch_idx: batches of `epoch` already consumed
-    if ckpt is not None:
-        disc.load_state_dict(ckpt["discriminator"])
-        opt.load_state_dict(ckpt["optimizer"])
-        opt_d.load_state_dict(ckpt["optimizer_disc"])
-        for s, key in ((scaler, "scaler"), (scaler_d, "scaler_disc")):
-            if ckpt.get(key):
-                s.load_state_dict(ckpt[key])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
-        step, epoch, batch_idx = ckpt["step"], ckpt["epoch"], ckpt["batch"]
-        rng = ckpt["rng"]
-        data.set_rng_state(rng[d.rank] if len(rng) == d.world_size else rng[0])
-    elif isinstance(source, dict) and isinstance(source.get("discriminator"), dict):
-        disc.load_state_dict(source["discriminator"])  # finetune from one of our checkpoints
+    folder = common.run_dir(args.results_dir, args.model, args.resume)
+    logger = common.JsonlLogger(folder / "log.jsonl")
+    common.print0(f"{args.model}, {len(dataset)} images, {env}; steps {first} -> {total}; {folder}")
+    bar = tqdm(total=total, initial=first, disable=env.rank != 0, desc="train_vq")
+    sums, since, t0 = 0, first, time.time()
+    for step in range(first + 1, total + 1):
+        x, recon, usage, terms = trainer.train_step(*next(batches), step)
+        sums = sums + terms
+        bar.update()
+        last = step == total
 
-    raw_vq, raw_disc = vq, disc  # unwrapped: saved, EMA'd, and used for the generator's GAN term
-    if args.compile:
-        vq = torch.compile(vq)
-    if d.distributed:  # the discriminator's BatchNorm stays plain, unsynced, as official
-        ids = [d.local_rank] if device.type == "cuda" else None
-        vq, disc = DDP(vq, device_ids=ids), DDP(disc, device_ids=ids)
-
-    resume_dir = Path(args.resume).resolve().parent if args.resume else None
-    run_dir = (
-        resume_dir.parent
-        if resume_dir is not None and resume_dir.name == "checkpoints"
-        else data.make_results_dir(args.results_dir, args.vq_model)
-    )
-    logger = data.JsonlLogger(run_dir / "log.jsonl")
-    data.print0(
-        f"{args.vq_model}: {sum(p.numel() for p in raw_vq.parameters()):,} params, discriminator "
-        f"{sum(p.numel() for p in raw_disc.parameters()):,}; {len(dataset)} images; {precision}; "
-        f"{d.world_size} process(es); steps {step} -> {total_steps}; writing to {run_dir}"
-    )
-
-    names = [
-        "gen_loss",
-        "rec_loss",
-        "perceptual_loss",
-        "gen_adv_loss",
-        "adaptive_weight",
-        "vq_loss",
-        "commit_loss",
-        "entropy_loss",
-        "disc_loss",
-        "logits_real",
-        "logits_fake",
-    ]
-    running = torch.zeros(
-        len(names) + 1, device=device
-    )  # sums since the last log; last slot: bad images
-    n_acc, t0 = 0, time.time()
-    zero, one = torch.zeros((), device=device), torch.ones((), device=device)
-    pbar = tqdm(total=total_steps, initial=step, disable=d.rank != 0, desc="train_vq")
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)  # augmentation is seeded by (seed, epoch, index)
-        indices = list(sampler)[batch_idx * local_bs :]  # skip what a resumed run already consumed
-        loader = DataLoader(
-            dataset,
-            batch_size=local_bs,
-            sampler=indices,
-            num_workers=args.num_workers,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-            generator=torch.Generator().manual_seed(args.global_seed + epoch),
-        )  # not the global RNG
-        for x, y in loader:
-            running[-1] += (y < 0).sum()
-            x = x[y >= 0].to(
-                device, non_blocking=True
-            )  # (B, 3, S, S); rows of unreadable images dropped
-            if len(x) == 0:
-                raise UserError(f"every image of a batch was unreadable; check {args.data_path}")
-            # the official global step is train_steps + 1; weight 0 = no GAN (the official D loss is scaled by it)
-            disc_on = args.disc_weight > 0 and step + 1 >= args.disc_start
-
-            # generator: rec + perceptual + adversarial + codebook terms
-            with ctx:
-                recon, (vq_loss, commit_loss, entropy_loss, usage) = vq(x)
-                rec = (
-                    F.mse_loss(recon, x)
-                    if args.reconstruction_loss == "l2"
-                    else F.l1_loss(recon, x)
-                )
-                perc = lpips(x, recon).mean() if lpips is not None else zero
-                nll = args.reconstruction_weight * rec + args.perceptual_weight * perc
-                g_adv, a = zero, one
-                if disc_on:
-                    raw_disc.requires_grad_(
-                        False
-                    )  # gradients flow through D to the VQ, D's own are not needed
-                    g_adv = GEN_LOSSES[args.gen_loss](raw_disc(recon))
-                    raw_disc.requires_grad_(True)
-                    if args.disc_adaptive_weight:
-                        a = adaptive_weight(nll, g_adv, raw_vq.decoder.last_layer)
-                loss = nll + a * args.disc_weight * g_adv + vq_loss + commit_loss + entropy_loss
-            backward_and_step(loss, opt, scaler, raw_vq.parameters(), args.max_grad_norm)
-            if ema is not None:
-                data.update_ema(ema, raw_vq, EMA_DECAY)
-
-            # discriminator on the detached reconstructions, from --disc-start on
-            d_loss = real = fake = zero
-            if disc_on:
-                with ctx:
-                    real, fake = (
-                        disc(x),
-                        disc(recon.detach()),
-                    )  # two passes (BatchNorm stats), as official
-                    d_loss = args.disc_weight * DISC_LOSSES[args.disc_loss](real, fake)
-                backward_and_step(
-                    d_loss, opt_d, scaler_d, raw_disc.parameters(), args.max_grad_norm
-                )
-
-            step, batch_idx, n_acc = step + 1, batch_idx + 1, n_acc + 1
-            terms = [
-                loss,
-                rec,
-                perc,
-                g_adv,
-                a,
-                vq_loss,
-                commit_loss,
-                entropy_loss,
-                d_loss,
-                real.mean(),
-                fake.mean(),
-            ]
-            running[:-1] += torch.stack([t.detach().float() for t in terms])
-            pbar.update(1)
-            last = step == total_steps
-
-            if step % args.log_every == 0 or last:
-                stats = running.clone()
-                if d.distributed:
-                    dist.all_reduce(stats)
-                means = (stats[:-1] / (n_acc * d.world_size)).tolist()
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    **dict(zip(names, means)),
-                    "codebook_usage": usage,
-                    "lr": opt.param_groups[0]["lr"],
-                    "bad_images": int(stats[-1]),
-                    "images_per_sec": n_acc * args.global_batch_size / (time.time() - t0),
-                }
-                logger.log(record)
-                pbar.set_postfix(rec=f"{record['rec_loss']:.4f}", usage=f"{usage:.3f}")
-                running.zero_()
-                n_acc, t0 = 0, time.time()
-
-            if args.sample_every and (step % args.sample_every == 0 or last) and d.rank == 0:
-                k = min(8, len(x))  # top row the inputs, bottom row their reconstructions
-                data.save_image_grid(
-                    torch.cat([x[:k], recon[:k].detach()]).float(),
-                    run_dir / "samples" / f"{step:07d}.png",
-                    nrow=k,
-                )
-
-            if step % args.ckpt_every == 0 or last:
-                rng = [data.get_rng_state()]
-                if d.distributed:  # every rank's RNG, so each continues its own stream
-                    rng = [None] * d.world_size
-                    dist.all_gather_object(rng, data.get_rng_state())
-                if d.rank == 0:
-                    state = {
-                        "model": raw_vq.state_dict(),
-                        "ema": ema.state_dict() if ema is not None else None,
-                        "discriminator": raw_disc.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "optimizer_disc": opt_d.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "scaler_disc": scaler_d.state_dict(),
-                        "step": step,
-                        "epoch": epoch,
-                        "batch": batch_idx,
-                        "config": asdict(raw_vq.config),
-                        "args": vars(args),
-                        "rng": rng,
-                    }
-                    for name in (f"{step:07d}.pt", "last.pt"):
-                        data.save_checkpoint(state, run_dir / "checkpoints" / name)
-                if d.distributed:
-                    dist.barrier()
-            if last:
-                break
-        else:  # the epoch ran out
-            epoch, batch_idx = epoch + 1, 0
-    pbar.close()
-    data.print0(f"done: {step} steps, checkpoints in {run_dir / 'checkpoints'}")
-    if d.distributed:
+        if step % args.log_every == 0 or last:
+            speed = (step - since) * args.global_batch_size / (time.time() - t0)
+            epoch = (step - 1) // sampler.steps_per_epoch
+            record = dict(step=step, epoch=epoch, **log_means(sums, step - since, env))
+            logger.log(dict(record, codebook_usage=usage, lr=args.lr, images_per_sec=speed))
+            bar.set_postfix(rec=f"{record['rec_loss']:.4f}", usage=f"{usage:.3f}")
+            sums, since, t0 = 0, step, time.time()
+        if args.sample_every and (step % args.sample_every == 0 or last) and env.rank == 0:
+            k = min(8, len(x))  # top row the inputs, bottom row their reconstructions
+            grid = torch.cat([x[:k], recon[:k]])  # (2k, 3, S, S)
+            data.save_image_grid(grid, folder / "samples" / f"{step:07d}.png", nrow=k)
+        if step % args.ckpt_every == 0 or last:
+            trainer.save(step, folder)
+    bar.close()
+    common.print0(f"done: {total} steps, checkpoints in {folder / 'checkpoints'}")
+    if env.distributed:
         dist.destroy_process_group()
-    return run_dir
+    return folder
 
 
 if __name__ == "__main__":
-    data.cli(main, parse_args)
+    common.cli(main, parse_args)

@@ -13,8 +13,9 @@ from functools import partial
 import pytest
 import torch
 
-import data
+import common
 import train_vq
+from common import UserError
 from train_vq import LPIPS, LPIPS_CHANNELS, PatchGANDiscriminator, main, parse_args
 from vq import VQModel
 
@@ -29,7 +30,7 @@ def softplus(v):
 def run_args(toy_folder, results, *extra):
     return parse_args(
         [
-            "--vq-model",
+            "--model",
             "tiny",
             "--data-path",
             str(toy_folder),
@@ -71,6 +72,17 @@ def test_lpips_zero_for_identical_positive_otherwise_and_differentiable():
     assert torch.equal(lpips(x, y.detach()), lpips(x, y.detach()))
 
 
+def heads(channels=LPIPS_CHANNELS, conv=1):
+    return {f"lin{k}.model.{conv}.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(channels)}
+
+
+def fake_vgg(classifier=True):
+    """A torchvision-style VGG16 state dict (features.{i}.*) of random numbers."""
+    trunk = LPIPS(pretrained=False).net.state_dict()  # "slice2.5.weight" is features.5.weight
+    vgg = {"features." + k.split(".", 1)[1]: torch.randn(v.shape) for k, v in trunk.items()}
+    return {**vgg, "classifier.0.weight": torch.randn(8, 8)} if classifier else vgg
+
+
 def test_lpips_official_key_layout_loads_strictly():
     lpips = LPIPS(pretrained=False)
     keys = set(lpips.state_dict())
@@ -83,81 +95,73 @@ def test_lpips_official_key_layout_loads_strictly():
         "net.slice4.17.weight",
         "net.slice5.28.bias",
     } <= keys
-    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS)}
-    assert {k for k in keys if k.startswith("lin")} == set(heads)
-    official = {**LPIPS(pretrained=False).state_dict(), **heads}
+    lin = heads()
+    assert {k for k in keys if k.startswith("lin")} == set(lin)
+    official = {**LPIPS(pretrained=False).state_dict(), **lin}
     lpips.load_state_dict(official, strict=True)
-    lpips.load_lin(heads)
-    assert torch.equal(lpips.lin3.model[1].weight, heads["lin3.model.1.weight"])
+    vgg = fake_vgg(classifier=False)
+    lpips.load_weights(vgg, lin)
+    assert torch.equal(lpips.lin3.model[1].weight, lin["lin3.model.1.weight"])
+    assert torch.equal(lpips.net.slice4.get_submodule("17").bias, vgg["features.17.bias"])
 
 
-def test_lpips_rejects_wrong_lin_keys(tmp_path):
-    lpips = LPIPS(pretrained=False)
-    wrong = {
-        f"lin{k}.model.0.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS)
-    }  # no dropout
-    path = data.save_checkpoint(wrong, tmp_path / "vgg.pth")
-    with pytest.raises(data.UserError, match="lin0.model.1.weight"):
-        lpips.load_lin(data.load_checkpoint(path), path)
-    short = {
-        f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS[:4])
-    }
-    with pytest.raises(data.UserError):
-        lpips.load_lin(short)
-    with pytest.raises(data.UserError, match="VGG16"):
-        lpips.load_vgg(wrong)  # the lin file passed as the trunk
+def test_lpips_rejects_wrong_files():
+    lpips, vgg = LPIPS(pretrained=False), fake_vgg(classifier=False)
+    with pytest.raises(UserError, match="lin0.model.1.weight"):
+        lpips.load_weights(vgg, heads(conv=0))  # no dropout: the conv is model.0
+    with pytest.raises(UserError, match="lin4.model.1.weight"):
+        lpips.load_weights(vgg, heads(LPIPS_CHANNELS[:4]))  # a head missing
+    with pytest.raises(UserError, match="VGG16.*net.slice1.0.weight"):
+        lpips.load_weights(heads(), heads())  # the lin file passed as the trunk
+    wide = {**vgg, "features.28.weight": torch.zeros(512, 512, 1, 1)}
+    with pytest.raises(UserError, match="size mismatch for net.slice5.28.weight"):
+        lpips.load_weights(wide, heads())
 
 
 def test_lpips_download_keeps_only_conv_weights(http_server, monkeypatch):
     torch.manual_seed(0)
-    vgg = {}
-    for i, layer in enumerate(train_vq.vgg16_features()):
-        if isinstance(layer, torch.nn.Conv2d):
-            vgg[f"features.{i}.weight"], vgg[f"features.{i}.bias"] = (
-                torch.randn(layer.weight.shape),
-                torch.randn(layer.out_channels),
-            )
-    vgg["classifier.0.weight"] = torch.randn(8, 8)  # the classifier is dropped
-    tmp = data.save_checkpoint(vgg, http_server.directory / "tmp.pth")
+    vgg = fake_vgg()  # with a classifier, which is dropped
+    tmp = common.save_checkpoint(vgg, http_server.directory / "tmp.pth")
     sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
     vgg_name = f"vgg16-{sha[:8]}.pth"  # torchvision style: the name carries the sha256 prefix
     tmp.rename(http_server.directory / vgg_name)
-    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS)}
-    lin_bytes = data.save_checkpoint(heads, http_server.directory / "vgg.pth").read_bytes()
+    lin = heads()
+    lin_bytes = common.save_checkpoint(lin, http_server.directory / "vgg.pth").read_bytes()
     monkeypatch.setattr(train_vq, "VGG16_URL", f"{http_server.url}/{vgg_name}")
+    monkeypatch.setattr(train_vq, "VGG16_SHA256", sha[:8])
     monkeypatch.setattr(
         train_vq,
         "LIN_WEIGHTS",
         dict(
             url=f"{http_server.url}/vgg.pth",
             filename="lpips_vgg_v0.1.pth",
-            md5=hashlib.md5(lin_bytes).hexdigest(),
+            sha256=hashlib.sha256(lin_bytes).hexdigest(),
             size=len(lin_bytes),
         ),
     )
     lpips = LPIPS()
-    cache = data.cache_dir()
-    assert sorted(p.name for p in cache.iterdir() if p.suffix in (".pt", ".pth")) == [
+    cache = common.cache_dir()
+    assert sorted(p.name for p in cache.iterdir()) == [
         "lpips_vgg_v0.1.pth",
         train_vq.VGG16_FEATURES_FILE,
     ]  # the full VGG file is gone
-    kept = data.load_checkpoint(cache / train_vq.VGG16_FEATURES_FILE)
+    kept = common.load_checkpoint(cache / train_vq.VGG16_FEATURES_FILE)
     assert set(kept) == {k for k in vgg if k.startswith("features.")} and len(kept) == 26
     assert torch.equal(lpips.net.slice2.get_submodule("5").weight, vgg["features.5.weight"])
-    assert torch.equal(lpips.lin4.model[1].weight, heads["lin4.model.1.weight"])
+    assert torch.equal(lpips.lin4.model[1].weight, lin["lin4.model.1.weight"])
     n = len(http_server.requests)
     LPIPS()  # cached: no new request
     assert len(http_server.requests) == n
 
-    (
-        cache / train_vq.VGG16_FEATURES_FILE
-    ).unlink()  # a VGG file whose sha256 does not match its name
+    # a VGG file whose sha256 does not start with the digits in its name
+    (cache / train_vq.VGG16_FEATURES_FILE).unlink()
     (http_server.directory / vgg_name).write_bytes(b"not the weights")
-    with pytest.raises(data.UserError, match="sha256"):
+    with pytest.raises(UserError, match="sha256"):
         LPIPS()
+    assert not any(cache.glob("vgg16-*"))  # nothing unverified left in the cache
 
 
-# ----------------------------------------------------------------------------- PatchGAN and GAN losses
+# ------------------------------------------------------------------------ PatchGAN and GAN losses
 
 
 def test_patchgan_shapes_params_and_init():
@@ -240,7 +244,7 @@ def test_few_step_run_writes_checkpoint_log_grid(toy_folder, tmp_path, monkeypat
         and ckpt["config"]["codebook_size"] == 1024
         and ckpt["args"]["image_size"] == 32
     )
-    model = VQModel.from_checkpoint(run_dir / "checkpoints" / "last.pt")
+    model = VQModel.from_checkpoint(common.load_checkpoint(run_dir / "checkpoints" / "last.pt"))
     assert all(
         torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items()
     )  # prefers the EMA
@@ -274,8 +278,8 @@ def test_resume_matches_uninterrupted_run(toy_folder, tmp_path):
     assert resumed == first  # continues in the same run directory
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
-    assert (b["step"], b["epoch"], b["batch"]) == (a["step"], a["epoch"], a["batch"]) == (4, 0, 4)
-    for key in ("model", "ema", "discriminator", "optimizer", "optimizer_disc"):
+    assert b["step"] == a["step"] == 4
+    for key in ("model", "ema", "discriminator", "optimizer", "optimizer_disc", "rng"):
         fa, fb = flat(a[key]), flat(b[key])
         assert fa.keys() == fb.keys() and len(fa) > 0
         for k in fa:
@@ -298,7 +302,7 @@ def test_bad_images_are_dropped_and_counted(toy_folder, tmp_path):
     args = run_args(
         tmp_path / "imgs", tmp_path / "r", "--max-steps", "1", "--perceptual-weight", "0"
     )
-    with pytest.raises(data.UserError, match="broken.png"):
+    with pytest.raises(UserError, match="broken.png"):
         main(args)
     args.skip_bad_images = True
     log = read_log(main(args))
@@ -306,7 +310,7 @@ def test_bad_images_are_dropped_and_counted(toy_folder, tmp_path):
 
 
 def test_offline_without_cached_lpips_stops_before_first_step(toy_folder, tmp_path):
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(UserError) as e:
         main(run_args(toy_folder, tmp_path / "results", "--max-steps", "1"))
     msg = str(e.value)
     assert (
@@ -314,5 +318,23 @@ def test_offline_without_cached_lpips_stops_before_first_step(toy_folder, tmp_pa
         and "vgg16-397923af.pth" in msg
         and "lpips_vgg_v0.1.pth" in msg
     )
-    assert str(data.cache_dir()) in msg and "\n" not in msg
+    assert str(common.cache_dir()) in msg and "\n" not in msg
     assert not (tmp_path / "results").exists()  # nothing written: no step was taken
+
+
+def test_model_flag_names_and_errors(toy_folder, tmp_path, capsys):
+    args = ["--data-path", str(toy_folder)]
+    assert parse_args(["--model", "tiny", *args]).model == "VQ-tiny"
+    assert parse_args(["--vq-model", "VQ-8", *args]).model == "VQ-8"  # the official flag name
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "VQ-99", *args])
+    err = capsys.readouterr().err
+    assert "unknown preset 'VQ-99'" in err and "VQ-VQ" not in err
+    with pytest.raises(UserError, match="multiple of 8"):
+        main(run_args(toy_folder, tmp_path, "--image-size", "36", "--perceptual-weight", "0"))
+    gpt = common.save_checkpoint(
+        {"model": {"tok_embeddings.weight": torch.zeros(2)}}, tmp_path / "g"
+    )
+    with pytest.raises(UserError, match="not a VQ tokenizer"):
+        main(run_args(toy_folder, tmp_path, "--finetune", str(gpt), "--perceptual-weight", "0"))
+    assert not list(tmp_path.glob("*/log.jsonl"))  # no run started
