@@ -5,12 +5,14 @@ generator, PNG grids. Codes: a frozen tokenizer turns an image folder into token
 Sec. 3.1 trains the GPT on pre-extracted codes), and CodeDataset serves them to train_gpt.py.
 
     python data.py toy data/toy --num-classes 4 --per-class 64 --size 64   # a toy image folder
-    python data.py extract --vq-ckpt vq.pt --data-path data/toy --code-path data/toy-codes \\
-        --image-size 64
-    torchrun --nproc_per_node=8 data.py extract --vq-ckpt vq_ds16_c2i.pt --data-path imagenet/train \\
-        --code-path codes/in256-tencrop --image-size 256 --ten-crop --crop-range 1.1   # then 1.05
+    python data.py extract --vq-ckpt vq.pt --data-path data/toy \\
+        --code-path data/toy-codes --image-size 64
+    torchrun --nproc_per_node=8 data.py extract --vq-ckpt vq_ds16_c2i.pt \\
+        --data-path imagenet/train --code-path codes/in256-tencrop --image-size 256 \\
+        --ten-crop --crop-range 1.1   # then again with --crop-range 1.05
 """
 
+import functools
 import math
 import random
 import sys
@@ -254,23 +256,21 @@ def crops(img: Image.Image, size: int, ten: bool = False, crop_range=1.1, flip=T
     return out
 
 
-class _Crops(torch.utils.data.Dataset):
-    """Rows `indices` of an ImageFolder -> (crops (n_aug, 3, S, S), label or BAD_LABEL, row)."""
-
-    def __init__(self, folder, indices, n_aug, args):
-        self.folder, self.indices, self.n_aug, self.args = folder, indices, n_aug, args
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, k):
-        i, a = int(self.indices[k]), self.args
-        path, label = self.folder.samples[i]
-        img = load_image(path, a.skip_bad_images)
-        if img is None:
-            return torch.zeros(self.n_aug, 3, a.image_size, a.image_size), BAD_LABEL, i
-        views = crops(img, a.image_size, a.ten_crop, a.crop_range, not a.no_flip)
-        return torch.stack([pil_to_tensor(c) for c in views]), label, i
+def _load_crops(folder, n_aug, args, rows):
+    """DataLoader collate_fn (it runs in the workers): store rows of an ImageFolder ->
+    (crops (B, n_aug, 3, S, S), labels (B,) with BAD_LABEL for unreadable images, rows (B,))."""
+    size, out = args.image_size, []
+    for i in rows:
+        path, label = folder.samples[i]
+        img = load_image(path, args.skip_bad_images)
+        views = crops(img, size, args.ten_crop, args.crop_range, not args.no_flip) if img else []
+        x = (
+            torch.stack([pil_to_tensor(c) for c in views])
+            if img
+            else torch.zeros(n_aug, 3, size, size)
+        )
+        out.append((x, label if img else BAD_LABEL))
+    return torch.stack([x for x, _ in out]), torch.tensor([y for _, y in out]), np.array(rows)
 
 
 def _open_store(args, vq, folder, env) -> dict:
@@ -337,13 +337,13 @@ def extract_codes(args, flush_every=20) -> dict:
     meta = _open_store(args, vq, folder, env)
     codes, labels, done = (np.load(path / f"{k}.npy", mmap_mode="r+") for k in STORE_FILES)
     todo = np.flatnonzero(~done)[env.rank :: env.world_size]  # what is left, shared out
+    collate = functools.partial(_load_crops, folder, meta["n_aug"], args)
     loader = torch.utils.data.DataLoader(
-        _Crops(folder, todo, meta["n_aug"], args), args.batch_size, num_workers=args.num_workers
+        todo.tolist(), args.batch_size, num_workers=args.num_workers, collate_fn=collate
     )
     finished = []
     bar = tqdm(loader, desc=f"encoding {len(todo)} images", disable=env.rank != 0)
     for b, (x, y, rows) in enumerate(bar):
-        rows = rows.numpy()
         _, _, ind = vq.encode(x.flatten(0, 1).to(env.device))  # (B * n_aug * h * w,)
         codes[rows] = ind.view(len(rows), meta["n_aug"], -1).cpu().numpy()
         labels[rows], finished = y.numpy(), finished + [rows]

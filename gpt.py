@@ -20,6 +20,7 @@ caller's choice, as in gpt-fast's `generate.py`:
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -353,9 +354,10 @@ class GPT(nn.Module):
         logits = self.output(h).float() if return_logits else None  # (B, S+1, V)
         if targets is None:
             return logits, None
-        # Memory: fp32 logits of B x 256 x 16384 are 4 GB for B = 256. The loss is summed over
-        # chunks of rows, each recomputed in the backward pass (checkpoint), so at most one chunk
-        # of logits is alive; with return_logits=False the full logits are never made.
+        # Memory: fp32 logits of B x 256 x 16384 are 4 GB for B = 256. Past CE_CHUNK_ELEMENTS
+        # the loss is summed over chunks of rows, each recomputed in the backward pass
+        # (checkpoint), so at most one chunk of logits is alive; with return_logits=False the
+        # full logits are never made. Below it, one plain pass: no recomputation, no slower.
         rows = max(1, CE_CHUNK_ELEMENTS // c.vocab_size)
         # per-token weight: 1, or the record's valid flag (t2i: bad records count 0)
         weight = torch.ones(B, device=h.device) if valid is None else valid.float()
@@ -363,7 +365,9 @@ class GPT(nn.Module):
         chunks = zip(
             h.flatten(0, 1).split(rows), targets.flatten().long().split(rows), weight.split(rows)
         )
-        loss = sum(checkpoint(self._ce_sum, *chunk, use_reentrant=False) for chunk in chunks)
+        plain = B * (S + 1) <= rows  # one chunk: nothing to save by recomputing it
+        ce = self._ce_sum if plain else partial(checkpoint, self._ce_sum, use_reentrant=False)
+        loss = sum(ce(*chunk) for chunk in chunks)
         # mean over the weighted tokens (official: divided by max(number of valid tokens, 1))
         return logits, loss / weight.sum().clamp(min=1)
 

@@ -139,12 +139,12 @@ def vq_ckpt(tmp_path_factory):
     """A randomly initialised VQ-tiny (downsample 8, 1024 codes) saved in our checkpoint format."""
     from dataclasses import asdict
     import torch
-    import data
+    import common
     import vq
 
     torch.manual_seed(0)
     model = vq.VQModel(vq.VQConfig.from_name("VQ-tiny"))
-    return data.save_checkpoint(
+    return common.save_checkpoint(
         {"model": model.state_dict(), "config": asdict(model.config)},
         tmp_path_factory.mktemp("vq") / "vq.pt",
     )
