@@ -71,12 +71,13 @@ def file_digest(path, algo="sha256") -> str:
     return h.hexdigest()
 
 
-def download(url, filename=None, sha256=None, size=None, desc=None, check=None, retries=2):
-    """The cached path of `url`, downloaded first if needed: a killed download resumes its `.part`
-    (HTTP Range), and the file is renamed into the cache only after its size and sha256 (a full
-    digest or a prefix) match; the Hugging Face Hub's ETag is the file's sha256 when none is
-    given. check(path) may raise a UserError when the file is not what it claims to be (an error
-    page saved under a checkpoint's name): it is removed and never cached. -> the cached Path."""
+def download(url, filename=None, sha256=None, desc=None, check=None, retries=2) -> Path:
+    """The cached path of `url`, downloaded first if needed. A killed download resumes its
+    `.part` (HTTP Range); a dropped connection is retried. The file gets its name in the cache
+    only after it passed every check: the server's length, the sha256 (a full digest or a
+    prefix; the Hugging Face Hub sends the file's sha256 as its ETag), and check(path), which
+    raises a UserError when the file is not what it claims to be (an HTML error page saved
+    under a checkpoint's name). A file that fails is removed, never cached."""
     import requests
     from tqdm import tqdm
 
@@ -95,10 +96,8 @@ def download(url, filename=None, sha256=None, size=None, desc=None, check=None, 
         if r.status_code not in (200, 206, 416):  # 416: the .part is already whole
             raise UserError(f"downloading {url} failed with HTTP {r.status_code}; {hint}")
         etag = r.headers.get("X-Linked-Etag", r.headers.get("ETag", "")).strip('W/"').lower()
-        if sha256 is None and len(etag) == 64:
-            sha256 = etag
-        if r.status_code == 200:
-            offset = 0  # the server ignored Range: start over
+        sha256 = sha256 or (etag if len(etag) == 64 else None)
+        offset *= r.status_code != 200  # 200: the server ignored Range, start over
         length = r.headers.get("Content-Length") if r.status_code != 416 else None
         total = offset + int(length) if length else None
         try:
@@ -110,26 +109,22 @@ def download(url, filename=None, sha256=None, size=None, desc=None, check=None, 
                     bar.update(f.write(chunk))
         except (requests.RequestException, OSError) as e:
             if retries:  # a dropped connection: ask again for the rest
-                return download(url, filename, sha256, size, desc, check, retries - 1)
+                return download(url, filename, sha256, desc, check, retries - 1)
             raise UserError(
                 f"download of {url} broke off ({type(e).__name__}); run again"
             ) from None
-    got, want = part.stat().st_size, size or total
-    problem = (
-        f"has {got} bytes, not {want}"
-        if want not in (None, got)
-        else f"does not have the sha256 {sha256}"
-        if sha256 and not file_digest(part).startswith(sha256)
-        else None
-    )
     try:
-        if problem is None and check is not None:
+        if total not in (None, part.stat().st_size):
+            raise UserError(f"{part.stat().st_size} bytes, not {total}")
+        if sha256 and not file_digest(part).startswith(sha256):
+            raise UserError(f"not the sha256 {sha256}")
+        if check is not None:
             check(part)
     except UserError as e:
-        problem = f"is not what it should be ({str(e)[:150]})"
-    if problem:
         part.unlink()
-        raise UserError(f"the download of {url} {problem}: removed it; run again or {hint}")
+        raise UserError(
+            f"the download of {url} failed its check ({e}): removed it; {hint}"
+        ) from None
     os.replace(part, dest)
     return dest
 
@@ -158,8 +153,7 @@ class Env:
 
 def cpus_per_process() -> int:
     """This machine's cores shared out over the processes torchrun starts on it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 NUM_WORKERS = min(4, cpus_per_process() - 1)  # DataLoader workers: spare cores, at most 4

@@ -167,15 +167,11 @@ class ImageFolder(torch.utils.data.Dataset):
         return pil_to_tensor(img), label
 
 
-TOY_CLASSES = [  # (name, colour) of each procedural class; past 8 the shapes repeat, darker
+TOY_CLASSES = [  # (name, colour): past these, the shapes repeat, each round darker
     ("red-disc", (220, 40, 40)),
     ("green-stripes", (40, 200, 60)),
     ("blue-checker", (50, 80, 230)),
     ("yellow-ring", (240, 220, 40)),
-    ("magenta-square", (220, 50, 220)),
-    ("cyan-cross", (40, 220, 230)),
-    ("orange-diagonal", (250, 140, 20)),
-    ("white-dots", (240, 240, 240)),
 ]
 
 
@@ -188,28 +184,23 @@ def make_toy_dataset(root, num_classes=4, per_class=32, size=64, seed=0) -> Path
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size  # (S, S) coordinates in [0, 1)
     for k in range(num_classes):
-        shape = k % len(TOY_CLASSES)
+        shape, darker = k % len(TOY_CLASSES), k // len(TOY_CLASSES)
         name, colour = TOY_CLASSES[shape]
-        colour = np.array(colour) * (1 - 0.25 * (k // len(TOY_CLASSES)))
         folder = Path(root) / f"{k:03d}-{name}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             cx, cy = rng.uniform(0.3, 0.7, 2)
             r, phase, freq = rng.uniform(0.15, 0.3), rng.uniform(0, 1), rng.uniform(3, 5)
-            dist_c = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)  # distance to the centre
-            square = lambda half: (np.abs(xx - cx) < half) & (np.abs(yy - cy) < half)
-            masks = [
-                dist_c < r,  # disc
+            d2 = (xx - cx) ** 2 + (yy - cy) ** 2  # squared distance to the centre
+            mask = [
+                d2 < r**2,  # disc
                 np.sin(2 * np.pi * (freq * yy + phase)) > 0,  # horizontal stripes
                 ((xx * freq + phase).astype(int) + (yy * freq).astype(int)) % 2 == 0,  # checker
-                np.abs(dist_c - r) < 0.06,  # ring
-                square(r),  # square
-                (np.abs(xx - cx) < r / 3) | (np.abs(yy - cy) < r / 3),  # cross
-                np.sin(2 * np.pi * (freq * (xx + yy) / 2 + phase)) > 0,  # diagonal stripes
-                (np.sin(2 * np.pi * freq * xx) * np.sin(2 * np.pi * freq * yy)) > 0.5,  # dots
-            ]
+                np.abs(np.sqrt(d2) - r) < 0.06,  # ring
+            ][shape]
             background = rng.uniform(10, 60, 3)
-            img = np.where(masks[shape][..., None], colour * rng.uniform(0.8, 1.0), background)
+            fill = np.array(colour) * (1 - 0.25 * darker) * rng.uniform(0.8, 1.0)
+            img = np.where(mask[..., None], fill, background)
             img = img + rng.normal(0, 6, img.shape)  # a little texture: no two images are equal
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
     return Path(root)
@@ -273,6 +264,29 @@ def _load_crops(folder, n_aug, args, rows):
     return torch.stack([x for x, _ in out]), torch.tensor([y for _, y in out]), np.array(rows)
 
 
+def open_store(path, meta: dict, arrays: dict) -> dict:
+    """A code store folder: meta.json plus zero-filled .npy memmaps {name: (shape, dtype)}, made
+    here when new; an existing one must have been made with the same `meta` (but data_path, which
+    may move), so a resumed extraction cannot mix settings. -> the meta.json on disk. Used by
+    `data.py extract` and `text.py extract`; meta.json is written last, so it means the arrays
+    exist, and "complete" stays false until the extraction finishes (CodeDataset refuses it)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        old = read_code_meta(path)
+        changed = [k for k in meta if k != "data_path" and old.get(k) != meta[k]]
+        if changed:
+            raise UserError(
+                f"{path} holds codes made with a different {', '.join(changed)}; "
+                "pass a new --code-path or delete that folder"
+            )
+        return old
+    path.mkdir(parents=True, exist_ok=True)
+    for name, (shape, dtype) in arrays.items():
+        np.lib.format.open_memmap(path / f"{name}.npy", "w+", dtype, shape).flush()
+    write_json({**meta, "complete": False}, path / "meta.json")
+    return meta
+
+
 def _open_store(args, vq, folder, env) -> dict:
     """Rank 0 creates code_path (or checks that an existing one was made the same way); then
     every rank opens the memmaps. Returns the store's meta.json dict."""
@@ -301,20 +315,9 @@ def _open_store(args, vq, folder, env) -> dict:
     )
     if env.rank == 0:
         meta["tokenizer"]["sha256"] = file_digest(args.vq_ckpt)
-        old = read_code_meta(path) if (path / "done.npy").is_file() else None
-        changed = [k for k in meta if k != "data_path" and old and old.get(k) != meta[k]]
-        if changed:
-            raise UserError(
-                f"{path} holds codes made with a different {', '.join(changed)}; "
-                "pass a new --code-path or delete that folder"
-            )
-        if old is None:
-            path.mkdir(parents=True, exist_ok=True)
-            shape = (len(folder), n_aug, grid * grid)
-            np.lib.format.open_memmap(path / "codes.npy", "w+", dtype, shape).flush()
-            np.save(path / "labels.npy", np.full(len(folder), BAD_LABEL, dtype=np.int64))
-            np.save(path / "done.npy", np.zeros(len(folder), dtype=bool))
-            write_json({**meta, "complete": False}, path / "meta.json")
+        rows = (len(folder),)  # labels are read only where done is set
+        arrays = dict(codes=(rows + (n_aug, grid * grid), dtype), labels=(rows, np.int64))
+        open_store(path, meta, dict(arrays, done=(rows, bool)))
     if env.distributed:
         dist.barrier()
     return meta
