@@ -595,17 +595,14 @@ def _jacobi(model: GPT, tokens, n0: int, window: int, copies, guide, generator, 
     rows, device = torch.arange(B, device=tokens.device), tokens.device
     q = torch.zeros(B, L, V, device=device)  # the distribution each draft was drawn from
     n = torch.full((B,), n0, device=device)  # accepted tokens per row
-    drafted = n.clone()  # tokens < drafted hold an accepted token or a draft
-    passes = 0
+    passes, drafted = 0, n0  # tokens < drafted hold an accepted token or a draft, in every row
     while (n < L).any():
         # feed tokens start..end-1: from the earliest row's newest (uncached) accepted token to W
         # drafts past the furthest row; fed token j gives p of token j + 1
         start, end = int(n.min()) - 1, min(L - 1, int(n.max()) + window)
-        for t in range(int(drafted.min()), end):  # fresh drafts, point masses
-            new = drafted <= t
-            tokens[new, t] = tokens[new, t - g if t >= g else t - 1]
-            q[new, t] = F.one_hot(tokens[new, t], V).float()
-        drafted = drafted.clamp(min=end)
+        for t in range(drafted, end):  # fresh drafts, point masses
+            tokens[:, t] = tokens[:, t - g if t >= g else t - 1]
+            q[:, t] = F.one_hot(tokens[:, t], V).float()
         x = model.tok_embeddings(tokens[:, start:end].repeat(copies, 1))
         pos = torch.arange(n_cond + start, n_cond + end, device=device)
         p = probs(
@@ -628,6 +625,5 @@ def _jacobi(model: GPT, tokens, n0: int, window: int, copies, guide, generator, 
         tokens[:, start + 1 : end + 1] = torch.where(after, redraft, x_t[..., 0])
         q[:, start + 1 : end + 1] = torch.where(after[..., None], p, q[:, start + 1 : end + 1])
         tokens[rows[active], (start + 1 + r)[active]] = fixed[active]
-        drafted = torch.where(active, end + 1, drafted).clamp(max=L)
-        n = torch.where(active, start + 2 + r, n)
+        drafted, n = end + 1, torch.where(active, start + 2 + r, n)
     return passes
