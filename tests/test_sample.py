@@ -5,6 +5,7 @@ python -m pytest tests/test_sample.py -q
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 import common
+import data
 import gpt
 import sample
 import vq
@@ -119,43 +121,77 @@ def test_offline_without_cache_names_the_url(tmp_path, monkeypatch):
         run(["--out", str(tmp_path / "x.png")])
 
 
+def test_html_error_page_is_never_cached(hub, tmp_path):
+    (hub.served / "c2i_B_256.pt").write_text("<html>rate limited</html>")  # a mirror's answer
+    with pytest.raises(common.UserError, match="c2i_B_256.pt .*removed it"):
+        run(["--labels", "3", "--out", str(tmp_path / "x.png")])
+    assert not any(common.cache_dir().iterdir())
+
+
 def test_class_names_resolve():
     assert len(sample.CLASS_NAMES.read_text().splitlines()) == 1000
     names = ["golden retriever", "207", "Red Panda", "geyser", "tench"]
     assert sample.parse_labels(names, 1000) == [207, 207, 387, 974, 0]
-    with pytest.raises(common.UserError, match="ambiguous.*134.*517"):  # the bird, the machine
-        sample.parse_labels(["crane"], 1000)
-    with pytest.raises(common.UserError, match="not an ImageNet class.*207: golden retriever"):
-        sample.parse_labels(["golden"], 1000)
-    with pytest.raises(common.UserError, match="out of range"):
-        sample.parse_labels(["1000"], 1000)
+    for bad, match in [
+        ("crane", "134: crane; 517: crane"),  # ambiguous: the bird, the machine
+        ("golden", "207: golden retriever"),  # no such name: the near ones
+        ("1000", r"ids 0\.\.999"),  # out of range
+    ]:
+        with pytest.raises(common.UserError, match=match):
+            sample.parse_labels([bad], 1000)
+
+
+def cli_error(argv, capsys):
+    """sample.py as the shell runs it: exit status 2 and one line `error: ...` on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(sample.main, lambda: sample.parse_args(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
 
 
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--top-p", "0"], "top-p"),
-        (["--top-p", "1.5"], "top-p"),
-        (["--top-k", "-1"], "top-k"),
-        (["--temperature", "-0.5"], "temperature"),
-        (["--prompt", "a cat", "--num-samples", "8"], "class-conditional only"),
-        (["--model", "XL", "--image-size", "256"], "no released c2i GPT-XL at --image-size 256"),
-        (["--image-size", "512"], "no released c2i GPT-B at --image-size 512"),
-        (["--prompt", "a cat", "--model", "B"], "no released t2i GPT-B.*GPT-XL 256, GPT-XL 512"),
+        (["--prompt", "a cat", "--num-samples", "8"], "takes no prompts"),
+        (["--prompt", "a cat", "--labels", "1"], "prompts take no --labels"),
+        (["--complete", "a.png", "--num-samples", "8"], "no --complete"),
+        (["--model", "XL", "--image-size", "256"], "no released c2i GPT-XL 256"),
+        (["--image-size", "512"], "no released c2i GPT-B 512"),
+        (["--prompt", "a cat", "--model", "B"], "no released t2i GPT-B 256.*GPT-XL 512"),
+        (["--out", "x.npz"], "--out x.npz: a grid is a .png"),  # .npz without --num-samples
+        (["--out", "noext"], "--out noext: a grid is a .png"),  # an unknown kind
+        (["--num-samples", "8", "--out", "x.png"], "--num-samples writes an .npz"),
+        (["--out", "file.txt/x.png"], "cannot write to file.txt"),  # a file as the folder
+        (["--complete", "missing.png"], "cannot read image missing.png"),
     ],
 )
-def test_flag_errors_before_any_download(argv, match, tmp_path, http_server, monkeypatch):
+def test_flag_errors_before_any_download(argv, match, http_server, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_ENDPOINT", http_server.url)
-    with pytest.raises(common.UserError, match=match):
-        run(argv + ["--out", str(tmp_path / "x.png")])
-    assert http_server.requests == []
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    assert re.search(match, cli_error(argv, capsys))
+    assert http_server.requests == []  # nothing downloaded, nothing drawn
+
+
+def test_unwritable_output_folder(own_ckpts, tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    (tmp_path / "ro").mkdir(mode=0o500)
+    assert "cannot write to" in cli_error(own_ckpts + ["--out", str(tmp_path / "ro/x.png")], capsys)
 
 
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
-        (["--num-samples", "0"], "--num-samples: must be an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size: must be in [1, inf]"),
+        (["--num-samples", "0"], "--num-samples: must be in [1, inf]"),
+        (["--top-p", "1.5"], "--top-p: must be in [0, 1]"),
+        (["--top-k", "-1"], "--top-k: must be in [0, inf]"),
+        (["--temperature", "-0.5"], "--temperature: must be in [0, inf]"),
+        (["--jacobi-window", "-1"], "--jacobi-window: must be in [0, inf]"),
+        (["--keep-rows", "0"], "--keep-rows: must be in [1, inf]"),
+        (["--nrow", "x"], "--nrow: invalid parse value: 'x'"),
         (["--model", "9B"], "unknown preset '9B'; choose GPT-B"),
         (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
     ],
@@ -166,21 +202,48 @@ def test_argparse_rejects_bad_values(argv, match, capsys):
     assert exit_info.value.code == 2 and match in capsys.readouterr().err
 
 
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "images per grid row (default: 4)" in out and "(default: 32)" in out
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--labels", "4"], r"out of range: this model has classes 0..3"),
-        (["--labels", "golden retriever"], "ImageNet model"),
+        (["--labels", "4"], r"'4' is not one class of this model \(ids 0\.\.3"),
+        (["--labels", "golden retriever"], r"ids 0\.\.3.*207: golden retriever"),
         (["--mixed-precision", "fp16"], "fp16 needs a GPU"),
         (["--image-size", "256"], "does not match"),
         (["--prompt", "a cat"], "gpt is a c2i GPT: text-to-image takes --prompt"),
+        (["--complete", "PICTURE", "--keep-rows", "4"], "--keep-rows must be below 4"),
     ],
 )
 def test_flag_errors_with_own_checkpoints(own_ckpts, argv, match, tmp_path):
     if "fp16" in argv and torch.cuda.is_available():
         pytest.skip("fp16 is allowed on a GPU")
+    Image.new("RGB", (64, 64)).save(tmp_path / "p.png")
+    argv = [str(tmp_path / "p.png") if a == "PICTURE" else a for a in argv]
     with pytest.raises(common.UserError, match=match):
         run(own_ckpts + argv + ["--out", str(tmp_path / "x.png")])
+
+
+def test_the_gpt_knows_its_tokenizer(own_ckpts, tmp_path):
+    """train_gpt.py records the sha256 of the tokenizer file; another one is refused."""
+    gpt_ckpt, vq_ckpt = own_ckpts[1], own_ckpts[3]
+    ckpt = torch.load(gpt_ckpt, weights_only=True)
+    ckpt["tokenizer_sha256"] = common.file_digest(vq_ckpt)
+    common.save_checkpoint(ckpt, tmp_path / "signed.pt")
+    other = torch.load(vq_ckpt, weights_only=True)
+    other["model"] = tiny_models(seed=1)[1].state_dict()  # same config, other codebook
+    common.save_checkpoint(other, tmp_path / "other_vq.pt")
+    argv = ["--gpt-ckpt", str(tmp_path / "signed.pt"), "--labels", "1"]
+    assert run(argv + ["--vq-ckpt", vq_ckpt, "--out", str(tmp_path / "a.png")]).exists()
+    argv += ["--vq-ckpt", str(tmp_path / "other_vq.pt"), "--out", str(tmp_path / "b.png")]
+    with pytest.raises(common.UserError, match="another tokenizer than .*other_vq.pt"):
+        run(argv)
+    assert run(argv + ["--any-tokenizer"]).exists()  # for those who know what they are doing
 
 
 def test_own_checkpoints_need_their_vq_and_official_files_take_image_size(own_ckpts, tmp_path):
@@ -198,16 +261,79 @@ def test_own_checkpoints_need_their_vq_and_official_files_take_image_size(own_ck
         run(["--gpt-ckpt", str(tmp_path / "vq_as_gpt.pt"), *own_ckpts[2:]])
 
 
-def test_own_checkpoints_grid_seed_and_cfg_warning(own_ckpts, tmp_path, capsys):
+def test_own_checkpoints_grid_seed_nrow_and_cfg_warning(own_ckpts, tmp_path, capsys):
     out = run(own_ckpts + ["--cfg-scale", "0.5", "--out", str(tmp_path / "g.png")])
-    assert "warning: --cfg-scale 0.5" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "warning: --cfg-scale 0.5" in printed.err
+    assert f"{out} (16 forward passes per image)" in printed.out  # one per token of 4 x 4
     assert Image.open(out).size == (4 * 66 + 2, 2 * 66 + 2)  # 8 labels (0..3 twice) of 64 px
     argv = own_ckpts + ["--cfg-scale", "0.5"]
-    same = run(argv + ["--out", str(tmp_path / "h.png")])
+    same = run(argv + ["--nrow", "8", "--out", str(tmp_path / "h.png")])
+    assert Image.open(same).size == (8 * 66 + 2, 66 + 2)  # one row
     other = run(argv + ["--seed", "1", "--out", str(tmp_path / "i.png")])
     pixels = [np.asarray(Image.open(p)) for p in (out, same, other)]
-    assert np.array_equal(pixels[0], pixels[1])
+    assert np.array_equal(pixels[0][:68], pixels[1][:, : 4 * 66 + 2])  # the same first 4
     assert not np.array_equal(pixels[0], pixels[2])  # --seed decides
+
+
+def spy_on_generate(monkeypatch):
+    """Record every gpt.generate call: (jacobi_window, prefix, tokens drawn)."""
+    calls, real_generate = [], gpt.generate
+
+    def spy(*args, **kwargs):
+        tokens = real_generate(*args, **kwargs)
+        calls.append((args[6], args[7], tokens))
+        return tokens
+
+    monkeypatch.setattr(gpt, "generate", spy)
+    return calls
+
+
+def test_jacobi_window_reaches_generate_for_grids_and_npz(own_ckpts, tmp_path, monkeypatch, capsys):
+    calls = spy_on_generate(monkeypatch)
+    argv = own_ckpts + ["--jacobi-window", "16", "--labels", "1", "2"]
+    run(argv + ["--out", str(tmp_path / "a.png")])
+    run(argv + ["--num-samples", "2", "--out", str(tmp_path / "a.npz")])
+    assert [window for window, _, _ in calls] == [16, 16]
+    passes = re.findall(r"\(([\d.]+) forward passes per image\)", capsys.readouterr().out)
+    assert len(passes) == 2 and all(1 <= float(p) <= 16 for p in passes)
+
+
+def test_complete_keeps_the_top_token_rows(own_ckpts, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    pictures = [tmp_path / "wide.png", tmp_path / "red.png"]
+    Image.fromarray(rng.integers(0, 256, (80, 120, 3), np.uint8)).save(pictures[0])
+    Image.new("RGB", (64, 64), "red").save(pictures[1])
+    calls = spy_on_generate(monkeypatch)
+    argv = ["--complete", *map(str, pictures), "--keep-rows", "2", "--labels", "0", "1", "2"]
+    out = run(own_ckpts + argv + ["--batch-size", "4", "--out", str(tmp_path / "c.png")])
+    # a row per picture: the original, its kept rows, 3 completions (one per label)
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 66 + 2, 5 * 66 + 2, 3)
+    tokenizer = vq.VQModel.from_checkpoint(common.load_checkpoint(own_ckpts[3]))
+    crops = [data.center_crop_arr(data.load_image(p), 64) for p in pictures]
+    assert np.array_equal(grid[2:66, 2:66], np.asarray(crops[0]))  # the original, cropped
+    assert (grid[2 + 32 : 66, 68:132] == 128).all()  # below the 2 kept token rows: grey
+    codes = tokenizer.encode(torch.stack([data.pil_to_tensor(c) for c in crops]))[-1].view(2, 16)
+    prefix = torch.cat([p for _, p, _ in calls])  # batches of 4, 2
+    tokens = torch.cat([t for _, _, t in calls])
+    assert torch.equal(prefix, codes[:, :8].repeat(3, 1))  # 2 rows of 4 tokens, every label
+    assert torch.equal(tokens[:, :8], prefix) and not torch.equal(tokens, codes.repeat(3, 1))
+
+
+def test_functions_for_a_web_demo(own_ckpts):
+    """demo.py's path: load once, then grids for changing labels and settings."""
+    args = sample.parse_args(own_ckpts)
+    model, tokenizer, info = sample.load_models(args)
+    assert (args.cfg_scale, args.top_k, info.name, info.image_size) == (4.0, 2000, "gpt", 64)
+    args.labels, args.seed = ["3", "1"], 5
+    images, nrow = sample.draw_grid(args, model, tokenizer, info)
+    assert images.shape == (2, 3, 64, 64) and nrow == 2 and info.passes == [16]
+    args.cfg_scale, args.top_k = 1.0, 1  # top-k 1: greedy, so the seed does not matter
+    args.seed = 6
+    again, _ = sample.draw_grid(args, model, tokenizer, info)
+    args.seed = 7
+    assert torch.equal(again, sample.draw_grid(args, model, tokenizer, info)[0])
 
 
 def test_compile_flag_hands_a_compiled_decode_step_to_generate(own_ckpts, tmp_path, monkeypatch):
@@ -244,6 +370,7 @@ def test_npz_shapes_balance_resize_and_resume(own_ckpts, tmp_path, monkeypatch):
     assert not np.array_equal(labels, np.resize(np.arange(4), 10))  # shuffled
     assert meta["resize_filter"] == "antialias" and meta["image_size"] == 64
     assert meta["cfg_scale"] == 1.5 and meta["top_k"] == 0  # the FID defaults of an own GPT
+    assert meta["model"] == asdict(tiny_models(16, 4)[0].config)  # not a preset it never was
     assert not (tmp_path / "ref-shards").exists()  # merged, then cleaned up
 
     calls = []
