@@ -4,7 +4,7 @@ Images: class-per-folder datasets (ImageNet, tiny-ImageNet, your own), the ADM c
 generator, PNG grids. Codes: a frozen tokenizer turns an image folder into token grids once (paper
 Sec. 3.1 trains the GPT on pre-extracted codes), and CodeDataset serves them to train_gpt.py.
 
-    python data.py toy data/toy --num-classes 4 --per-class 64 --size 64   # a toy image folder
+    python data.py toy data/toy --num-classes 4 --per-class 64 --size 64   # + captions.jsonl
     python data.py extract --vq-ckpt vq.pt --data-path data/toy \\
         --code-path data/toy-codes --image-size 64
     torchrun --nproc_per_node=8 data.py extract --vq-ckpt vq_ds16_c2i.pt \\
@@ -13,6 +13,7 @@ Sec. 3.1 trains the GPT on pre-extracted codes), and CodeDataset serves them to 
 """
 
 import functools
+import json
 import math
 import random
 import sys
@@ -114,9 +115,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
     Also reads tiny-ImageNet's val/ layout (images/ + val_annotations.txt) and a flat folder (one
     class). augment="random" is the ADM random crop + horizontal flip of tokenizer training,
-    "center" the ADM center crop, None the image as it is. Training keys are (epoch, i) pairs
-    (common.TrainSampler): the augmentation is seeded by (seed, epoch, i), so a resumed run sees
-    the same crops in any DataLoader worker.
+    "crop" the crop alone, "center" the ADM center crop, None the image as it is. Training keys
+    are (epoch, i) pairs (common.TrainSampler): the augmentation is seeded by (seed, epoch, i), so
+    a resumed run sees the same crops in any DataLoader worker.
     """
 
     def __init__(self, root, image_size=None, augment="center", skip_bad=False, seed=0):
@@ -157,10 +158,10 @@ class ImageFolder(torch.utils.data.Dataset):
         img = load_image(path, self.skip_bad)
         if img is None:
             return torch.zeros(3, self.image_size, self.image_size), BAD_LABEL
-        if self.augment == "random":
+        if self.augment in ("random", "crop"):  # "crop": never mirrored (train_vq.py --no-flip)
             rng = random.Random(f"{self.seed}-{epoch}-{i}")
             img = random_crop_arr(img, self.image_size, rng=rng)
-            if rng.random() < 0.5:
+            if self.augment == "random" and rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         elif self.augment == "center":
             img = center_crop_arr(img, self.image_size)
@@ -179,15 +180,24 @@ def make_toy_dataset(root, num_classes=4, per_class=32, size=64, seed=0) -> Path
     """Write procedural images to root/<class>/NNNN.png; each class has its own shape and colour.
 
     Small enough for a tiny tokenizer and GPT to learn on a CPU in minutes, and different enough
-    that a grid of samples shows at a glance whether the class condition works.
+    that a grid of samples shows at a glance whether the class condition works. Also writes
+    root/captions.jsonl for text-to-image (`text.py extract`): for each image the official caption
+    list [blip, llava, llava_first], from its class name ("a red disc", ...).
     """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size  # (S, S) coordinates in [0, 1)
+    captions = []  # lines of captions.jsonl
     for k in range(num_classes):
         shape, darker = k % len(TOY_CLASSES), k // len(TOY_CLASSES)
         name, colour = TOY_CLASSES[shape]
         folder = Path(root) / f"{k:03d}-{name}"
         folder.mkdir(parents=True, exist_ok=True)
+        what = name.replace("-", " ")
+        texts = [
+            f"a {what}",
+            f"a picture of a {what} on a dark background",
+            f"a picture of a {what}",
+        ]
         for i in range(per_class):
             cx, cy = rng.uniform(0.3, 0.7, 2)
             r, phase, freq = rng.uniform(0.15, 0.3), rng.uniform(0, 1), rng.uniform(3, 5)
@@ -203,6 +213,8 @@ def make_toy_dataset(root, num_classes=4, per_class=32, size=64, seed=0) -> Path
             img = np.where(mask[..., None], fill, background)
             img = img + rng.normal(0, 6, img.shape)  # a little texture: no two images are equal
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+            captions.append(json.dumps(dict(image_path=f"{folder.name}/{i:04d}.png", text=texts)))
+    (Path(root) / "captions.jsonl").write_text("".join(line + "\n" for line in captions))
     return Path(root)
 
 
@@ -287,21 +299,44 @@ def open_store(path, meta: dict, arrays: dict) -> dict:
     return meta
 
 
-def _open_store(args, vq, folder, env) -> dict:
-    """Rank 0 creates code_path (or checks that an existing one was made the same way); then
-    every rank opens the memmaps. Returns the store's meta.json dict."""
+def store_meta(args, device) -> tuple:
+    """-> (the tokenizer args.vq_ckpt in fp32, as the official extraction; what every code store's
+    meta.json says of it): the sizes at --image-size (which its downsampling must divide), where
+    the images and the tokenizer are, and its config and sha256 (train_gpt.py copies these into
+    its checkpoints, so sample.py can tell a GPT's own tokenizer). data.py and text.py extract."""
     from dataclasses import asdict
 
     from common import file_digest
 
-    grid, path = args.image_size // vq.config.downsample, Path(args.code_path)
-    n_aug = (5 if args.ten_crop else 1) * (1 if args.no_flip else 2)
-    dtype = np.uint16 if vq.config.codebook_size <= 2**16 else np.int32
-    meta = dict(
+    vq = load_tokenizer(args.vq_ckpt, device)
+    grid, rest = divmod(args.image_size, vq.config.downsample)
+    if rest:
+        raise UserError(
+            f"--image-size {args.image_size} is not a multiple of the tokenizer's downsampling "
+            f"{vq.config.downsample}"
+        )
+    return vq, dict(
         vocab_size=vq.config.codebook_size,
         grid_size=grid,
         block_size=grid * grid,
         image_size=args.image_size,
+        data_path=str(Path(args.data_path).resolve()),
+        tokenizer=dict(
+            path=str(Path(args.vq_ckpt).resolve()),
+            config=asdict(vq.config),
+            sha256=file_digest(args.vq_ckpt),
+        ),
+    )
+
+
+def _open_store(args, meta, folder, env) -> dict:
+    """Rank 0 creates code_path (or checks that an existing one was made the same way); then
+    every rank opens the memmaps. Returns the store's meta.json dict."""
+    grid, path = meta["grid_size"], Path(args.code_path)
+    n_aug = (5 if args.ten_crop else 1) * (1 if args.no_flip else 2)
+    dtype = np.uint16 if meta["vocab_size"] <= 2**16 else np.int32
+    meta = dict(
+        meta,
         num_classes=len(folder.classes),
         classes=folder.classes,
         num_images=len(folder),
@@ -310,11 +345,8 @@ def _open_store(args, vq, folder, env) -> dict:
         crop_range=args.crop_range if args.ten_crop else 1.0,
         flip=not args.no_flip,
         dtype=np.dtype(dtype).name,
-        data_path=str(Path(args.data_path).resolve()),
-        tokenizer=dict(path=str(Path(args.vq_ckpt).resolve()), config=asdict(vq.config)),
     )
     if env.rank == 0:
-        meta["tokenizer"]["sha256"] = file_digest(args.vq_ckpt)
         rows = (len(folder),)  # labels are read only where done is set
         arrays = dict(codes=(rows + (n_aug, grid * grid), dtype), labels=(rows, np.int64))
         open_store(path, meta, dict(arrays, done=(rows, bool)))
@@ -330,14 +362,9 @@ def extract_codes(args, flush_every=20) -> dict:
     from tqdm import tqdm
 
     env = setup("fp32")
-    vq = load_tokenizer(args.vq_ckpt, env.device)
-    if args.image_size % vq.config.downsample:
-        raise UserError(
-            f"--image-size {args.image_size} is not a multiple of the tokenizer's downsampling "
-            f"{vq.config.downsample}"
-        )
+    vq, meta = store_meta(args, env.device)
     folder, path = ImageFolder(args.data_path, augment=None), Path(args.code_path)
-    meta = _open_store(args, vq, folder, env)
+    meta = _open_store(args, meta, folder, env)
     codes, labels, done = (np.load(path / f"{k}.npy", mmap_mode="r+") for k in STORE_FILES)
     todo = np.flatnonzero(~done)[env.rank :: env.world_size]  # what is left, shared out
     collate = functools.partial(_load_crops, folder, meta["n_aug"], args)
@@ -373,8 +400,6 @@ def extract_codes(args, flush_every=20) -> dict:
 
 def read_code_meta(code_path) -> dict:
     """meta.json of a code folder, with a one-line error when it is not one."""
-    import json
-
     path = Path(code_path) / "meta.json"
     if not path.is_file():
         raise UserError(

@@ -1,6 +1,6 @@
 """Text-to-image extras: caption cleaning, FLAN-T5-XL caption features, the t2i training store.
 
-    python text.py toy data/toy-t2i      # 4 x 32 toy images + captions.jsonl ("a red disc", ...)
+    python data.py toy data/toy-t2i --per-class 32   # 4 x 32 toy images + captions.jsonl
     python text.py extract --data-path data/toy-t2i/captions.jsonl \\
         --code-path data/toy-t2i-codes --vq-ckpt VQ.pt --image-size 64
     python train_gpt.py --model tiny --code-path data/toy-t2i-codes --global-batch-size 32 \\
@@ -15,15 +15,16 @@ Paper Sec. 3.2 conditions the GPT on text through FLAN-T5-XL: this file follows 
 120 x 2048 features, and right-aligned ("left padding") with zeroed padding and a 0/1 mask, so the
 caption always ends right before the first image token. Needs the optional packages `transformers`
 and `sentencepiece`, imported only on this path; the encoder comes from the Hugging Face cache
-(~11 GB download once) or --t5-path DIR.
+(~11 GB download once; offline, a cached copy is used without asking the hub) or --t5-path DIR.
 
-The store (--code-path) is one folder: meta.json (model_type "t2i", vocab_size, block_size,
-caption_dim, max_tokens, ...), codes.npy (N, h*w) int32 token grids, valid.npy (N,) bool (image
-readable and >= image size), caption_lengths.npy (N,) int64 (T5 tokens of each caption; 0 = no
-caption) and caption_features.f16, the valid T5 tokens of all captions back to back as a raw
-float16 (total_tokens, 2048) memmap, record i's at the cumulative sum of the lengths before it:
-~60 KB per 15-token caption instead of 0.5 MB for a padded (120, 2048) row, and no file per
-caption. Extraction is resumable (rerun the same command) and single-process.
+The store (--code-path) is one folder, made by data.open_store as the class-conditional one:
+meta.json (model_type "t2i", vocab_size, block_size, caption_dim, max_tokens, ...), codes.npy
+(N, h*w) int32 token grids, valid.npy (N,) bool (image readable and >= image size),
+caption_lengths.npy (N,) int64 (T5 tokens of each caption; 0 = no caption or a bad image) and
+caption_features.f16, the T5 tokens of all captions back to back as a raw float16
+(total_tokens, 2048) memmap, record i's at the cumulative sum of the lengths before it: ~60 KB
+per 15-token caption instead of 0.5 MB for a padded (120, 2048) row, and no file per caption.
+Extraction is resumable (rerun the same command) and single-process.
 """
 
 import argparse
@@ -32,15 +33,16 @@ import html
 import json
 import re
 import urllib.parse
-from dataclasses import asdict
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
 import data
-from common import UserError, cli, write_json
+from common import UserError
 
 T5_MODEL = "google/flan-t5-xl"  # the official text encoder; its last_hidden_state is 2048 wide
 MAX_TOKENS = 120  # caption slots, = the t2i GPT's cls_token_num (official t5_feature_max_len)
@@ -50,36 +52,34 @@ CAPTION_KEYS = ["blip", "llava", "llava_first"]  # order of the official `text` 
 # Caption cleaning: web alt-text noise out, content words in (applied twice, as the official)
 
 _CJK = "\u2e80-\u2fdf\u3000-\u33ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
-# Each pattern (case-insensitive) in turn is replaced by its replacement; the order matters (a URL
-# goes before its file name could, a tag before its "<" symbol).
+# Each pattern (case-insensitive) in turn is replaced by a space, or by the second item of a
+# (pattern, replacement) pair; the order matters (a URL goes before its file name could, a tag
+# before its "<" symbol).
 _CLEAN_RULES = [
-    (re.compile(pattern, re.IGNORECASE), replacement)
-    for pattern, replacement in [
-        (r"<\s*person\s*>", "person"),  # LAION placeholder tag
-        (r"\b(?:https?://|ftp://|www\.)\S+", " "),  # URLs
-        (r"\b[\w-]+(?:\.[\w-]+)*\.(?:com|net|org|io|co|ru|de|uk|info|html?|php)\b(?:/\S*)?", " "),
-        (r"<[^>]*>", " "),  # HTML tags
-        (r"@[\w.]+", " "),  # @mentions
-        (f"[{_CJK}]+", " "),  # CJK and full-width text
-        ("[\u2010-\u2015\u2212\ufe58\ufe63]", "-"),  # every dash is "-"
-        ("[\u201c\u201d\u201e\u201f\u00ab\u00bb\u2033]", '"'),  # every double quote is "
-        ("[\u2018\u2019\u201a\u201b\u2032`\u00b4]", "'"),  # every single quote is '
-        (r"\b\d{1,3}(?:\.\d{1,3}){3}\b", " "),  # IP addresses
-        (r"\\n", " "),  # escaped newlines
-        (r"\b[\w-]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|svg|pdf|zip|mp4)\b", " "),  # file names
-        (r"#\d+|\b\d{5,}\b", " "),  # ids, long numbers
-        (r"\b[a-z]{1,3}\d{3,}\b|\b[a-z]+\d+[a-z]+\b|\b\d+[a-z]+\d+\b", " "),  # codes: jc6640vc
-        (r"\b\d+(?:\.\d+)?\s*[x\u00d7]\s*\d+(?:\.\d+)?(?:\s*(?:px|cm|mm|in))?\b", " "),  # 1920x1080
-        (r"\b(?:free shipping|click (?:here|for)|download|for sale|buy now|shop now)\b", " "),
-        (r"\bstock photo\b|\bpage \d+\b", " "),
-        (r"[^\w\s.,!?:;'\"%$+=&-]", " "),  # emoji, symbols, brackets
-        (r"\S*[-_]\S*[-_]\S*[-_]\S*", lambda m: re.sub("[-_]", " ", m.group())),  # a-b-c-d: words
-        ("_", " "),
-        (r"\.{2,}", " "),  # ellipses
-        (r"([,!?:;'\"-])\1+", r"\1"),  # repeated punctuation
-        (r"(?:^|\s)[.,:;!?'\"-](?=\s|$)", " "),  # orphan punctuation
-        (r"\s+", " "),
-    ]
+    (r"<\s*person\s*>", "person"),  # LAION placeholder tag
+    r"\b(?:https?://|ftp://|www\.)\S+",  # URLs
+    r"\b[\w-]+(?:\.[\w-]+)*\.(?:com|net|org|io|co|ru|de|uk|info|html?|php)\b(?:/\S*)?",  # domains
+    r"<[^>]*>",  # HTML tags
+    r"@[\w.]+",  # @mentions
+    f"[{_CJK}]+",  # CJK and full-width text
+    ("[\u2010-\u2015\u2212\ufe58\ufe63]", "-"),  # every dash is "-"
+    ("[\u201c\u201d\u201e\u201f\u00ab\u00bb\u2033]", '"'),  # every double quote is "
+    ("[\u2018\u2019\u201a\u201b\u2032`\u00b4]", "'"),  # every single quote is '
+    r"\b\d{1,3}(?:\.\d{1,3}){3}\b",  # IP addresses
+    r"\\n",  # escaped newlines
+    r"\b[\w-]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|svg|pdf|zip|mp4)\b",  # file names
+    r"#\d+|\b\d{5,}\b",  # ids, long numbers
+    r"\b[a-z]{1,3}\d{3,}\b|\b[a-z]+\d+[a-z]+\b|\b\d+[a-z]+\d+\b",  # product codes: jc6640vc
+    r"\b\d+(?:\.\d+)?\s*[x\u00d7]\s*\d+(?:\.\d+)?(?:\s*(?:px|cm|mm|in))?\b",  # sizes: 1920x1080
+    r"\b(?:free shipping|click (?:here|for)|download|for sale|buy now|shop now)\b",  # shop spam
+    r"\bstock photo\b|\bpage \d+\b",
+    r"[^\w\s.,!?:;'\"%$+=&-]",  # emoji, symbols, brackets
+    (r"\S*[-_]\S*[-_]\S*[-_]\S*", lambda m: re.sub("[-_]", " ", m.group())),  # a-b-c-d: words
+    "_",
+    r"\.{2,}",  # ellipses
+    (r"([,!?:;'\"-])\1+", r"\1"),  # repeated punctuation
+    r"(?:^|\s)[.,:;!?'\"-](?=\s|$)",  # orphan punctuation
+    r"\s+",
 ]
 
 
@@ -87,9 +87,10 @@ def clean_caption(text: str) -> str:
     """Lower-case a caption; strip URLs, HTML, CJK, ids, shop spam and odd symbols (twice, as the
     official: the first pass can leave new noise, e.g. a tag behind an escaped entity)."""
     for _ in range(2):
-        text = html.unescape(html.unescape(urllib.parse.unquote_plus(str(text)))).strip().lower()
-        for pattern, replacement in _CLEAN_RULES:
-            text = pattern.sub(replacement, text)
+        text = html.unescape(html.unescape(urllib.parse.unquote_plus(text))).strip().lower()
+        for rule in _CLEAN_RULES:  # (pattern, replacement); re caches the compiled patterns
+            rule = rule if isinstance(rule, tuple) else (rule, " ")
+            text = re.sub(*rule, text, flags=re.IGNORECASE)
         text = text.strip(" '\"-_,:;+")
     return text
 
@@ -102,8 +103,8 @@ def left_pad(emb: torch.Tensor, mask: torch.Tensor):
     """Move the valid tokens of each row to the right end, keeping their order; zero the padding.
     (B, S, D), (B, S) -> same shapes, the mask as bool."""
     order = mask.int().argsort(dim=1, stable=True)  # (B, S): pads first, then tokens, in order
-    mask = mask.bool().gather(1, order)
-    return emb.gather(1, order[..., None].expand_as(emb)) * mask[..., None], mask
+    mask = mask.bool().take_along_dim(order, 1)
+    return emb.take_along_dim(order[..., None], 1) * mask[..., None], mask  # indices broadcast
 
 
 class TextEncoder:
@@ -119,20 +120,36 @@ class TextEncoder:
                 f"sentencepiece) and the {T5_MODEL} encoder (fetched into the Hugging Face cache "
                 "on first use, or --t5-path DIR)"
             ) from None
-        device, name = torch.device(device), str(path or T5_MODEL)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # official: bf16
-        # loading in the dtype (not .to(dtype) after) keeps T5's `wo` layers in fp32, as the
-        # official; transformers 5 renamed the argument
-        key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-            model = transformers.T5EncoderModel.from_pretrained(name, **{key: dtype})
-        except (OSError, ValueError) as e:
+        name = str(path or T5_MODEL)
+        dtype = torch.bfloat16 if "cuda" in str(device) else torch.float32  # as the official
+        try:  # the cache first (no hub request at all when the files are there), then the hub
+            for cached in (True, False):
+                try:  # loading in the dtype (not .to(dtype) after) keeps T5's `wo` layers in
+                    # fp32, as the official; transformers 5 calls it `dtype`, takes `torch_dtype`
+                    self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                        name, local_files_only=cached
+                    )
+                    model = transformers.T5EncoderModel.from_pretrained(
+                        name, torch_dtype=dtype, local_files_only=cached
+                    )
+                    break
+                except OSError:
+                    if path or not cached:  # a local folder that does not load: say why
+                        raise
+                    # a first download; but offline the hub client retries for ~50 s before it
+                    # fails, so ask once, with a short timeout, whether the hub ($HF_ENDPOINT,
+                    # through any proxy set) answers; URLError is an OSError
+                    urllib.request.urlopen(
+                        common.hf_url(T5_MODEL, "config.json"), timeout=5
+                    ).close()
+        except (OSError, ValueError) as e:  # URLError is an OSError; ValueError: a bad name
             raise UserError(
-                f"cannot load the text encoder {name} ({str(e).splitlines()[0][:200]}); it "
-                "downloads into the Hugging Face cache once online, or pass --t5-path DIR"
+                f"cannot load the text encoder {name} ({str(e).splitlines()[0][:200]}); "
+                f"{T5_MODEL} downloads into the Hugging Face cache once, online (~11 GB), or "
+                "pass --t5-path DIR with a copy of it"
             ) from None
-        self.model, self.dim = model.to(device).eval(), model.config.d_model  # 2048 for flan-t5-xl
+        # from_pretrained gives the model in eval mode
+        self.model, self.dim = model.to(device), model.config.d_model  # 2048 for flan-t5-xl
 
     @torch.no_grad()
     def encode(self, captions):
@@ -146,7 +163,7 @@ class TextEncoder:
             truncation=True,
             return_tensors="pt",
         ).to(self.model.device)
-        out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        out = self.model(**tokens)  # input_ids and attention_mask
         return left_pad(out.last_hidden_state.float(), tokens.attention_mask)
 
 
@@ -157,13 +174,9 @@ def caption_condition(args, config, device):
     path = args.caption_features
     if path:
         try:
-            obj = (
-                dict(np.load(path))
-                if path.endswith(".npz")
-                else torch.load(path, weights_only=True)
-            )
+            obj = np.load(path) if path.endswith(".npz") else torch.load(path, weights_only=True)
             emb, mask = torch.as_tensor(obj["emb"]).float(), torch.as_tensor(obj["mask"])
-            if emb.ndim == 2:  # one caption: (S, D) and (S,)
+            if emb.ndim == 2:  # one caption (S, D) and (S,): a batch of one
                 emb, mask = emb[None], mask[None]
             emb, mask = left_pad(emb, mask)
         except Exception as e:  # missing or unreadable file, a key missing, shapes that disagree
@@ -180,13 +193,13 @@ def caption_condition(args, config, device):
         if not prompts:
             raise UserError('no prompts: pass --prompt "a photo of a cat" or a --prompt-file')
         emb, mask = TextEncoder(args.t5_path, device).encode(prompts)  # freed on return
-    slots, dim = config.cls_token_num, config.caption_dim
-    if emb.ndim != 3 or emb.shape[1] > slots or emb.shape[2] != dim:
+    pad = config.cls_token_num - emb.shape[1]  # fewer slots: more padding on the left, as T5's
+    if pad < 0 or emb.shape[2] != config.caption_dim:
         raise UserError(
-            f"caption features {tuple(emb.shape)} do not fit the GPT: (B, up to {slots}, "
-            f"caption_dim {dim}); {T5_MODEL} gives (B, 120, 2048)"
+            f"caption features {tuple(emb.shape)} do not fit the GPT: (B, up to "
+            f"{config.cls_token_num}, caption_dim {config.caption_dim}); {T5_MODEL} gives "
+            "(B, 120, 2048)"
         )
-    pad = slots - emb.shape[1]  # fewer slots: more padding on the left, as the encoder would give
     return F.pad(emb, (0, 0, pad, 0)).to(device), F.pad(mask, (pad, 0)).to(device)
 
 
@@ -194,18 +207,27 @@ def caption_condition(args, config, device):
 # JSON-lines data and the caption-feature + code store
 
 
-def read_jsonl(data_path):
-    """A .jsonl file, or a folder of them (sorted) -> [(image Path, text)]; image paths are
-    relative to the file's folder."""
-    data_path = Path(data_path)
-    files = sorted(data_path.glob("*.jsonl")) if data_path.is_dir() else [data_path]
-    records = []
-    try:
-        for f in files:
+def read_jsonl(data_path, key="blip", trunc=False):
+    """A .jsonl file, or a folder of them (sorted) -> [(image Path, caption)]; image paths are
+    relative to the file's folder. A record's text is a string, or the official list [blip, llava,
+    llava_first] of which `key` (--caption-key: a name or an index) picks one, or a dict with
+    `key`; the caption is "" when there is none; trunc (--trunc-caption): its first sentence."""
+    data_path, records = Path(data_path), []
+    try:  # a file globs to nothing; a folder without .jsonl files fails to read, naming it
+        for f in sorted(data_path.glob("*.jsonl")) or [data_path]:
             for line in filter(str.strip, f.read_text().splitlines()):
                 record = json.loads(line)
-                records.append((f.parent / record["image_path"], record.get("text")))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                text = record.get("text")
+                if isinstance(text, list):
+                    i = CAPTION_KEYS.index(key) if key in CAPTION_KEYS else int(key)
+                    text = dict(enumerate(text)).get(i)
+                elif isinstance(text, dict):
+                    text = text.get(key)
+                text = text if isinstance(text, str) else ""
+                records.append(
+                    (f.parent / record["image_path"], text.split(".")[0] if trunc else text)
+                )
+    except Exception as e:  # unreadable file, bad JSON, no image_path, a bad --caption-key
         raise UserError(f"{f}: {type(e).__name__} {e}; want JSON lines with image_path and text")
     if not records:
         raise UserError(
@@ -214,51 +236,22 @@ def read_jsonl(data_path):
     return records
 
 
-def pick_caption(text, key="blip", trunc=False):
-    """The caption of one record: a string as is, or the `key` entry (a name or an index) of the
-    official [blip, llava, llava_first] list, or of a dict; None when there is none."""
-    if isinstance(text, (list, tuple)):
-        i = CAPTION_KEYS.index(key) if key in CAPTION_KEYS else int(key)
-        text = text[i] if i < len(text) else None
-    elif isinstance(text, dict):
-        text = text.get(key)
-    if not isinstance(text, str):
-        return None
-    return text.split(".")[0] if trunc else text  # --trunc-caption: the first sentence only
-
-
-def load_crops(paths, size):
-    """DataLoader collate: image paths -> (crops (b, 3, S, S) in [-1, 1], ok (b,) numpy bool). A
-    bad image (unreadable, or under S on its short side: the official t2i data drops those) gives
-    zeros and ok False, so the store keeps one row per record."""
-    crops, ok = [], []
-    for path in paths:
+def load_records(records, size):
+    """DataLoader collate: [(image path, caption)] -> crops (b, 3, S, S) in [-1, 1], ok (b,) bool,
+    captions (b strings; "" = none). A bad image (unreadable, or under S on its short side: the
+    official t2i data drops those) gives zeros, ok False and no caption, so the store keeps one
+    row per record."""
+    out = []
+    for path, caption in records:
         img = data.load_image(path, skip_bad=True)  # None (and a warning) when unreadable
-        ok.append(img is not None and min(img.size) >= size)
-        crops.append(data.center_crop_arr(img, size) if ok[-1] else None)
-    zeros = torch.zeros(3, size, size)
-    return torch.stack([data.pil_to_tensor(c) if c else zeros for c in crops]), np.array(ok)
-
-
-def open_store(path, meta: dict, arrays: dict, ignore=("data_path", "tokenizer")) -> dict:
-    """A store folder of .npy arrays {name: (shape, dtype)} plus meta.json. New: zero-filled
-    arrays and `meta`. Existing: its meta.json must agree with `meta` (but for the `ignore` keys),
-    so a resumed extraction cannot mix settings. -> the meta.json on disk."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        stored = json.loads((path / "meta.json").read_text())
-        changed = [k for k in meta if k not in ignore and stored.get(k) != meta[k]]
-        if changed:
-            raise UserError(
-                f"{path} holds a store made with a different {', '.join(changed)}; "
-                "pass a new --code-path or delete that folder"
-            )
-        return stored
-    path.mkdir(parents=True, exist_ok=True)
-    for name, (shape, dtype) in arrays.items():
-        np.lib.format.open_memmap(path / f"{name}.npy", "w+", dtype, shape).flush()
-    write_json(meta, path / "meta.json")
-    return meta
+        ok = img is not None and min(img.size) >= size
+        crop = (
+            data.pil_to_tensor(data.center_crop_arr(img, size))
+            if ok
+            else torch.zeros(3, size, size)
+        )
+        out.append((crop, ok, caption if ok else ""))
+    return torch.utils.data.default_collate(out)
 
 
 @torch.inference_mode()
@@ -267,71 +260,58 @@ def extract(args, encoder=None) -> dict:
     (official extract_t5_feature.py + extract_codes_t2i.py in one pass) -> its meta."""
     from tqdm import tqdm
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    records, out = read_jsonl(args.data_path), Path(args.code_path)
-    vq = data.load_tokenizer(args.vq_ckpt, device)  # fp32, as the official
-    grid, rest = divmod(args.image_size, vq.config.downsample)
-    if rest:
-        raise UserError(
-            f"--image-size {args.image_size} is not a multiple of {vq.config.downsample}"
-        )
+    device = common.setup("fp32").device
+    records = read_jsonl(args.data_path, args.caption_key, args.trunc_caption)
+    out = Path(args.code_path)
+    vq, meta = data.store_meta(args, device)  # the tokenizer in fp32, as the official
     encoder = encoder or TextEncoder(args.t5_path, device)  # after the cheap checks: it is slow
     n = len(records)
-    meta = dict(
+    meta.update(
         model_type="t2i",
-        vocab_size=vq.config.codebook_size,
-        grid_size=grid,
-        block_size=grid * grid,
-        image_size=args.image_size,
         num_images=n,
         caption_dim=encoder.dim,
         max_tokens=MAX_TOKENS,
         caption_key=args.caption_key,
         trunc_caption=args.trunc_caption,
-        data_path=str(Path(args.data_path).resolve()),
-        tokenizer=dict(path=str(Path(args.vq_ckpt).resolve()), config=asdict(vq.config)),
     )
     # int32 codes: 1 KB per 256-token image, next to ~60 KB of caption features
-    arrays = dict(codes=((n, grid**2), np.int32), valid=((n,), bool), caption_lengths=((n,), int))
-    stored = open_store(out, meta, arrays)
-    done, tokens = stored.get("num_done", 0), stored.get("num_tokens", 0)  # the last commit
-    arrays = {k: np.load(out / f"{k}.npy", mmap_mode="r+") for k in arrays}
+    arrays = dict(
+        codes=((n, meta["block_size"]), np.int32), valid=((n,), bool), caption_lengths=((n,), int)
+    )
+    done = data.open_store(out, meta, arrays).get("num_done", 0)  # the last commit
+    codes, valid, lengths = (np.load(out / f"{k}.npy", mmap_mode="r+") for k in arrays)
     loader = torch.utils.data.DataLoader(
-        [path for path, _ in records[done:]],
-        batch_size=args.batch_size,
+        records[done:],
+        args.batch_size,
         num_workers=args.num_workers,
-        collate_fn=functools.partial(load_crops, size=args.image_size),
+        collate_fn=functools.partial(load_records, size=args.image_size),
     )
     with open(out / "caption_features.f16", "ab") as feats:
-        feats.truncate(tokens * encoder.dim * 2)  # drop what a killed run wrote after its commit
-        for crops, ok in tqdm(loader, f"{len(records) - done} records", unit="batch"):
-            rows = np.arange(done, done + len(ok))
-            texts = [
-                pick_caption(records[i][1], args.caption_key, args.trunc_caption) for i in rows
-            ]
-            emb, mask = encoder.encode([t or "" for t in texts])  # (b, 120, D), (b, 120)
-            mask[[t is None for t in texts]] = False  # no caption: no features, an invalid row
+        # drop what a killed run wrote after its commit: 2 bytes per float16
+        feats.truncate(lengths[:done].sum() * encoder.dim * 2)
+        for crops, ok, captions in tqdm(loader, f"{n - done} records"):
+            rows = slice(done, done + len(ok))
+            emb, mask = encoder.encode(captions)  # (b, 120, D), (b, 120)
+            mask[[not c for c in captions]] = False  # no caption: no features, an invalid row
             # rows are right-aligned, so emb[mask] is each caption's tokens, back to back
-            feats.write(emb[mask].clamp(-65504, 65504).half().cpu().numpy().tobytes())
-            arrays["caption_lengths"][rows] = mask.sum(1).cpu().numpy()
+            feats.write(emb[mask].clamp(-65504, 65504).half().cpu().numpy())
+            lengths[rows], valid[rows] = mask.sum(1).cpu(), ok
             # bad images were zeros: their codes are stored too, but never used (valid False)
-            arrays["codes"][rows] = vq.encode(crops.to(device))[2].view(len(rows), -1).cpu()
-            arrays["valid"][rows] = ok
-            done, tokens = done + len(rows), tokens + int(mask.sum())
+            codes[rows] = vq.encode(crops.to(device))[2].view(len(ok), -1).cpu()
             # commit: features and arrays are with the OS (memmap pages survive a killed process)
             # before meta.json says they are done
             feats.flush()
-            write_json({**meta, "num_done": done, "num_tokens": tokens}, out / "meta.json")
-    lengths, valid = arrays["caption_lengths"], arrays["valid"]
+            done = rows.stop
+            common.write_json({**meta, "num_done": done}, out / "meta.json")
     meta.update(
-        num_done=done,
-        num_tokens=tokens,
+        num_done=n,
+        num_tokens=int(lengths.sum()),
         bad_images=int((~valid).sum()),
-        missing_captions=int((lengths == 0).sum()),
-        num_valid=int((valid & (lengths > 0)).sum()),
+        missing_captions=int((valid & (lengths == 0)).sum()),
+        num_valid=int((lengths > 0).sum()),  # a bad image has no caption tokens
         complete=True,
     )
-    write_json(meta, out / "meta.json")
+    common.write_json(meta, out / "meta.json")
     return meta
 
 
@@ -349,11 +329,12 @@ class CaptionCodeDataset(torch.utils.data.Dataset):
         self.path, self.meta = Path(code_path), data.read_code_meta(code_path)
         if not self.meta.get("complete"):
             raise UserError(f"the extraction into {code_path} did not finish; rerun it to resume")
-        lengths = np.load(self.path / "caption_lengths.npy")  # (N,) caption tokens per record
-        self.offsets = np.cumsum(lengths) - lengths  # (N,) where each starts in the features
-        self.valid = np.load(self.path / "valid.npy") & (lengths > 0)  # (N,)
-        self.lengths = lengths * self.valid  # an invalid row gets no caption tokens
-        self.codes = self.features = None  # memmaps, opened in each DataLoader worker
+        lengths = np.load(self.path / "caption_lengths.npy")  # (N,) caption tokens per row
+        self.ends = np.cumsum(lengths)  # (N,) where each caption ends in the features
+        self.valid = np.load(self.path / "valid.npy") & (lengths > 0)  # (N,) image and caption
+        # stores made before issue 12 kept the caption tokens of a bad image: never read them
+        self.lengths = lengths * self.valid
+        self.codes = None  # memmaps, opened in each DataLoader worker (a memmap pickles as a copy)
 
     def __len__(self):
         return len(self.valid)
@@ -361,68 +342,52 @@ class CaptionCodeDataset(torch.utils.data.Dataset):
     def captions(self, n: int = 8):
         """(emb (n, 120, D), mask (n, 120)) of the first n usable records, e.g. for sample grids."""
         rows = [self[0, i] for i in np.flatnonzero(self.valid)[:n]]
-        return tuple(torch.utils.data.default_collate(rows)[1:3])
+        return torch.utils.data.default_collate(rows)[1:3]
 
     def __getitem__(self, key):
-        _, i = key
-        slots, dim = self.meta["max_tokens"], self.meta["caption_dim"]
+        i, slots = key[1], self.meta["max_tokens"]
         if self.codes is None:
             self.codes = np.load(self.path / "codes.npy", mmap_mode="r")
             features = np.memmap(self.path / "caption_features.f16", np.float16, "r")
-            self.features = features.reshape(-1, dim)  # (total tokens, D)
-        start, n = self.offsets[i], self.lengths[i]
-        emb = torch.zeros(slots, dim)  # right-aligned: the last n slots hold the caption
-        emb[slots - n :] = torch.from_numpy(self.features[start : start + n].astype(np.float32))
-        mask = torch.arange(slots) >= slots - n
-        return torch.from_numpy(self.codes[i].astype(np.int64)), emb, mask, bool(self.valid[i])
+            self.features = features.reshape(-1, self.meta["caption_dim"])  # (total tokens, D)
+        n = self.lengths[i]
+        emb = torch.tensor(self.features[self.ends[i] - n : self.ends[i]]).float()  # (n, D)
+        mask = torch.arange(slots) >= slots - n  # right-aligned: the last n slots hold the caption
+        codes = torch.tensor(self.codes[i]).long()  # (h*w,), copied out of the memmap
+        return codes, F.pad(emb, (0, 0, slots - n, 0)), mask, bool(n)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
 
-def make_toy_t2i(root, num_classes=4, per_class=32, size=64) -> Path:
-    """data.make_toy_dataset images plus root/captions.jsonl: for each image the official caption
-    list [blip, llava, llava_first], written from its class name."""
-    root = Path(data.make_toy_dataset(root, num_classes, per_class, size))
-    lines = []
-    for path in data.list_images(root):
-        what = path.parent.name.split("-", 1)[1].replace("-", " ")  # "000-red-disc" -> "red disc"
-        texts = [
-            f"a {what}",
-            f"a picture of a {what} on a dark background",
-            f"a picture of a {what}",
-        ]
-        lines.append(json.dumps({"image_path": str(path.relative_to(root)), "text": texts}) + "\n")
-    (root / "captions.jsonl").write_text("".join(lines))
-    return root / "captions.jsonl"
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="text-to-image data: toy captions, T5 + codes")
+    parser = argparse.ArgumentParser(description="text-to-image data: T5 features + codes")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    toy = sub.add_parser("toy", help="toy images and captions.jsonl")
-    toy.add_argument("root")
-    toy.add_argument("--num-classes", type=int, default=4)
-    toy.add_argument("--per-class", type=int, default=32)
-    toy.add_argument("--size", type=int, default=64)
-    ex = sub.add_parser("extract", help="T5 caption features + token codes (resumable)")
-    ex.add_argument("--data-path", required=True, help=".jsonl file or folder: image_path, text")
-    ex.add_argument("--code-path", required=True, help="output store folder")
-    ex.add_argument("--vq-ckpt", required=True)
-    ex.add_argument("--image-size", type=int, default=256)
+    ex = sub.add_parser(  # its own formatter: subparsers do not inherit it
+        "extract",
+        help="T5 caption features + token codes (resumable)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # --help shows the defaults
+    )
+    for flag, help in [
+        ("--data-path", ".jsonl file or folder of them: image_path, text"),
+        ("--code-path", "output store folder"),
+        ("--vq-ckpt", "the tokenizer of the codes"),
+    ]:
+        ex.add_argument(flag, required=True, help=help)
+    for flag, default, help in [
+        ("--image-size", 256, "centre crop, px"),
+        ("--batch-size", 32, "records per batch"),
+        ("--num-workers", common.NUM_WORKERS, "image loader processes"),
+    ]:
+        ex.add_argument(flag, type=int, default=default, help=help)
     ex.add_argument("--caption-key", default="blip", help="blip, llava, llava_first or an index")
     ex.add_argument("--trunc-caption", action="store_true", help="only the text before the 1st .")
-    ex.add_argument("--t5-path", default=None, help=f"local copy of {T5_MODEL} (default: HF cache)")
-    ex.add_argument("--batch-size", type=int, default=32)
-    ex.add_argument("--num-workers", type=int, default=4)
+    ex.add_argument("--t5-path", help=f"local copy of {T5_MODEL}; none: the Hugging Face cache")
     return parser.parse_args(argv)
 
 
 def main(args):
-    if args.cmd == "toy":
-        print(make_toy_t2i(args.root, args.num_classes, args.per_class, args.size))
-        return
     meta = extract(args)
     print(
         f"{meta['num_valid']} of {meta['num_images']} records usable in {args.code_path} "
@@ -432,4 +397,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    cli(main, parse_args)
+    common.cli(main, parse_args)

@@ -7,6 +7,7 @@ sampling.
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -75,7 +76,7 @@ def encoder(t5_dir):
 def toy_jsonl(tmp_path_factory):
     """2 classes x 4 toy images (32 px) with [blip, llava, llava_first] captions, 4 bad records."""
     root = tmp_path_factory.mktemp("toy-t2i")
-    jsonl = text.make_toy_t2i(root, num_classes=2, per_class=4, size=32)
+    jsonl = data.make_toy_dataset(root, num_classes=2, per_class=4, size=32) / "captions.jsonl"
     (root / "corrupt.png").write_bytes(b"not a png")
     Image.new("RGB", (16, 16), (200, 0, 0)).save(
         root / "small.png"
@@ -321,6 +322,25 @@ def test_missing_transformers_names_the_package_and_model(
     assert "error: text prompts need the optional package transformers" in capsys.readouterr().err
 
 
+def test_offline_without_a_cached_encoder_fails_at_once_in_one_line(
+    monkeypatch, capsys, toy_jsonl, vq_ckpt, tmp_path, t5_dir
+):
+    """Issue 13: the hub client used to retry for ~50 s offline. The conftest refuses the network;
+    a model name no cache holds stands in for an uncached google/flan-t5-xl."""
+    monkeypatch.setattr(text, "T5_MODEL", "llamagen-tests/never-cached-t5")
+    argv = ["extract", "--data-path", str(toy_jsonl), "--code-path", str(tmp_path / "c")]
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(text.main, lambda: text.parse_args(argv + ["--vq-ckpt", str(vq_ckpt)]))
+    assert exit_info.value.code == 2 and time.monotonic() - start < 20
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load the text encoder llamagen-tests/never-cached-t5")
+    assert err.count("\n") == 1 and "--t5-path" in err
+    with pytest.raises(SystemExit):  # and --help shows the defaults
+        text.parse_args(["extract", "--help"])
+    assert "(default: 256)" in capsys.readouterr().out
+
+
 def test_text_module_imports_without_transformers():
     import subprocess
 
@@ -395,23 +415,32 @@ def test_caption_features_files_and_prompt_errors(tmp_path):
 # The JSON-lines store
 
 
-def test_read_jsonl_and_caption_keys(toy_jsonl):
+def test_read_jsonl_and_caption_keys(toy_jsonl, tmp_path):
     records = text.read_jsonl(toy_jsonl.parent)  # a folder of .jsonl files works too
-    assert len(records) == 12 and records[0][0].is_file()
-    texts = records[0][1]
-    assert text.pick_caption(texts) == "a red disc"
-    assert text.pick_caption(texts, "llava") == "a picture of a red disc on a dark background"
-    assert (
-        text.pick_caption(texts, "2")
-        == text.pick_caption(texts, "llava_first")
-        == "a picture of a red disc"
+    assert len(records) == 12 and records[0] == (
+        toy_jsonl.parent / "000-red-disc/0000.png",
+        "a red disc",
     )
-    assert text.pick_caption("One. Two.", trunc=True) == "One" and text.pick_caption(None) is None
-    assert text.pick_caption({"llava": "a cat"}, "llava") == "a cat"
-    (toy_jsonl.parent / "broken").mkdir(exist_ok=True)
-    (toy_jsonl.parent / "broken" / "x.jsonl").write_text('{"text": "no image path"}\n')
+    assert records[-1][1] == ""  # no caption
+    first = {key: text.read_jsonl(toy_jsonl, key)[0][1] for key in ("llava", "llava_first", "2")}
+    assert first["llava"] == "a picture of a red disc on a dark background"
+    assert first["2"] == first["llava_first"] == "a picture of a red disc"
+    lines = [
+        {"image_path": "a.png", "text": "One. Two."},
+        {"image_path": "b.png", "text": {"llava": "A cat. On a mat"}},
+        {"image_path": "c.png", "text": ["blip only"]},  # no llava entry
+        {"image_path": "d.png", "text": 7},
+    ]
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    captions = [c for _, c in text.read_jsonl(tmp_path / "x.jsonl", "llava", trunc=True)]
+    assert captions == ["One", "A cat", "", ""]
+    with pytest.raises(common.UserError, match="x.jsonl: ValueError"):  # not a key, not an index
+        text.read_jsonl(tmp_path / "x.jsonl", "gpt4")
+    (tmp_path / "x.jsonl").write_text('{"text": "no image path"}\n')
     with pytest.raises(common.UserError, match="x.jsonl: KeyError 'image_path'"):
-        text.read_jsonl(toy_jsonl.parent / "broken")
+        text.read_jsonl(tmp_path)
+    with pytest.raises(common.UserError, match="IsADirectoryError"):  # a folder without .jsonl
+        text.read_jsonl(toy_jsonl.parent / "000-red-disc")
 
 
 def test_store_counts_bad_records_and_matches_the_encoders(store, toy_jsonl, vq_ckpt, encoder):
