@@ -421,7 +421,6 @@ class CodeDataset(torch.utils.data.Dataset):
     def __init__(self, code_path, extra_code_path=None, extra_prob=0.5, seed=0):
         self.paths = [Path(p) for p in (code_path, extra_code_path) if p is not None]
         self.meta = read_code_meta(code_path)
-        ok = np.ones(self.meta["num_images"], dtype=bool)
         for p in self.paths:
             meta = read_code_meta(p)
             if not meta.get("complete"):
@@ -429,17 +428,14 @@ class CodeDataset(torch.utils.data.Dataset):
                     f"the extraction into {p} did not finish; run the same `python data.py "
                     "extract` command again to resume it"
                 )
-            diff = [k for k in ("vocab_size", "block_size", "classes") if meta[k] != self.meta[k]]
-            if diff or meta["num_images"] != len(ok):
+            same = ("vocab_size", "block_size", "classes", "num_images")
+            if diff := [k for k in same if meta[k] != self.meta[k]]:
                 raise UserError(
-                    f"{p} does not match {code_path} ({', '.join(diff) or 'num_images'} differ); "
+                    f"{p} does not match {code_path} ({', '.join(diff)} differ); "
                     "both must come from the same images and tokenizer"
                 )
-            ok &= np.load(p / "done.npy") & (np.load(p / "labels.npy") >= 0)
         self.labels = np.load(self.paths[0] / "labels.npy")
-        self.rows = np.flatnonzero(ok)  # dataset index -> row of the stores
-        if not len(self.rows):
-            raise UserError(f"no finished codes in {code_path}; run (or resume) the extraction")
+        self.rows = np.flatnonzero(self.labels >= 0)  # dataset index -> row; unreadable left out
         self.extra_prob, self.seed = extra_prob, seed
         self._codes = None  # memmaps, opened lazily in each DataLoader worker
 

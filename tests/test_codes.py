@@ -189,8 +189,8 @@ def test_code_dataset_draws(tmp_path):
             value + np.arange(n_aug, dtype=np.uint16)[None, :, None]
         )  # token = value + crop index
         codes.flush()
-        np.save(path / "labels.npy", np.arange(n) % 4)
-        np.save(path / "done.npy", np.arange(n) != 5)  # row 5 not extracted yet
+        np.save(path / "labels.npy", np.where(np.arange(n) == 5, data.BAD_LABEL, np.arange(n) % 4))
+        np.save(path / "done.npy", np.ones(n, dtype=bool))  # row 5: an unreadable image
         meta = dict(
             vocab_size=1024,
             grid_size=4,
