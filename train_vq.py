@@ -10,9 +10,14 @@ script for the CPU, one GPU and `torchrun` (DDP). Checkpoints load with
         --max-steps 300 --perceptual-weight 0 --disc-weight 0 --log-every 50   # ~3 min on a CPU
     torchrun --standalone --nproc_per_node=8 train_vq.py --model VQ-16 --data-path imagenet/train \
         --image-size 256 --global-batch-size 128 --epochs 40 --disc-start 20000 --disc-weight 0.5
-    python train_vq.py ... --resume results/000-VQ-16/checkpoints/last.pt   # continues exactly
+    python train_vq.py --data-path imagenet/train --resume results/000-VQ-16/checkpoints/last.pt
     python train_vq.py ... --finetune vq_ds16_c2i.pt --disc-start 0         # from released weights
+    python train_vq.py ... --no-flip     # no mirrored crops: handwriting, digits, text, maps
     python -m pytest tests/test_train_vq.py -q
+
+A bare --resume continues the saved run exactly, with its own flags (preset, lr, batch, EMA, seed,
+losses); given again, only the step budget, cadences, workers, results folder, --compile and
+--skip-bad-images may change (RESUMABLE), and --ema may start an EMA; anything else is refused.
 
 Differences from the official trainer: LPIPS stays in eval mode (the official `.train()` call
 re-enables the dropout of its lin heads); the non-saturating GAN losses are the textbook ones (the
@@ -40,8 +45,6 @@ import data
 from common import UserError
 from vq import VQ_CONFIGS, VQConfig, VQModel
 
-EMA_DECAY = 0.9999  # official --ema decay
-ADAM_BETAS = (0.9, 0.95)  # official, both nets (plain Adam: its --weight-decay is unused)
 
 # ----------------------------------------------------------------------------- LPIPS (VGG16, v0.1)
 
@@ -49,95 +52,84 @@ ADAM_BETAS = (0.9, 0.95)  # official, both nets (plain Adam: its --weight-decay 
 # which torchvision checks, and so do we
 VGG16_URL, VGG16_SHA256 = "https://download.pytorch.org/models/vgg16-397923af.pth", "397923af"
 VGG16_FEATURES_FILE = "vgg16_features.pt"  # what we keep of it: the 13 convs of `features` (~59 MB)
-LIN_WEIGHTS = dict(  # the official heads; the spec gives md5 d507d7349b931f0638a25a48a722f98a
-    url="https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
-    filename="lpips_vgg_v0.1.pth",
-    sha256="a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
-    size=7289,
-)
+# the official heads (the spec gives md5 d507d7349b931f0638a25a48a722f98a), cached under LIN_FILE
+LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+LIN_FILE = "lpips_vgg_v0.1.pth"
+LIN_SHA256 = "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"
 # VGG16's five stages: conv3x3 + ReLU pairs of these widths, a 2x2 max pool before each stage but
-# the first. LPIPS taps each stage's last ReLU (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
+# the first. LPIPS taps each stage's last ReLU (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3): the
+# slices [0, 4), [4, 9), ... [23, 30) of vgg16().features end at them.
 LPIPS_CHANNELS, VGG16_CONVS = [64, 128, 256, 512, 512], [2, 2, 3, 3, 3]
-# ImageNet mean/std re-expressed for inputs in [-1, 1]
-LPIPS_SHIFT, LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
+LPIPS_SLICES = [0, 4, 9, 16, 23, 30]
+# shift and scale: ImageNet mean/std re-expressed for inputs in [-1, 1] (the official ScalingLayer)
+LPIPS_SCALING = [(-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)]
 
 
-def fetch_lpips_weights() -> list:
+def fetch_lpips_weights():
     """Cached paths of the VGG16 conv weights and the LPIPS lin heads, downloaded on first use."""
     features = common.cache_dir() / VGG16_FEATURES_FILE
     try:
-        lin = common.download(**LIN_WEIGHTS, desc="LPIPS heads")
+        lin = common.download(LIN_URL, LIN_FILE, LIN_SHA256, desc="LPIPS heads")
         if not features.is_file():
             full = common.download(VGG16_URL, sha256=VGG16_SHA256, desc="VGG16 ImageNet weights")
-            sd = common.load_checkpoint(full)
-            common.save_checkpoint(
-                {k: v for k, v in sd.items() if k.startswith("features.")}, features
-            )
+            vgg = common.load_checkpoint(full).items()
+            common.save_checkpoint({k: v for k, v in vgg if k.startswith("features.")}, features)
             full.unlink()  # keep the 59 MB of convolutions, not the 528 MB with the classifier
     except UserError as e:
         raise UserError(
-            f"the perceptual loss needs {VGG16_URL} and {LIN_WEIGHTS['url']} (saved as "
-            f"{LIN_WEIGHTS['filename']}) in {common.cache_dir()} (set by LLAMAGEN_CACHE) but could "
+            f"the perceptual loss needs {VGG16_URL} and {LIN_URL} (saved as "
+            f"{LIN_FILE}) in {common.cache_dir()} (set by LLAMAGEN_CACHE) but could "
             f"not get them ({e}); put them there, or train without it: --perceptual-weight 0"
         ) from None
     return [features, lin]
 
 
 class LPIPS(nn.Module):
-    """LPIPS-VGG16 v0.1 distance, images (B, 3, H, W) in [-1, 1] -> (B,); frozen, always eval.
+    """LPIPS-VGG16 v0.1 distance, images (B, 3, H, W) in [-1, 1] -> (B,); frozen, built in eval
+    mode (the official trainer's .train() call turns the p=0.5 dropout of the lin heads back on
+    and adds noise to the perceptual loss: nothing here calls it).
 
-    Keys as the official lpips.py: scaling_layer.{shift,scale}, net.slice{1..5}.{i}.* (i the
-    index in torchvision's vgg16().features) and lin{0..4}.model.1.weight.
+    Keys as the two official files, so that each loads as it is: features.{i}.* of torchvision's
+    VGG16 file (vgg16().features, without the last pool) and lin{k}.model.1.weight of the LPIPS
+    heads file. (The official module keeps the trunk as net.slice{1..5}.{i}.)
     """
 
-    def __init__(self, pretrained: bool = True):
+    def __init__(self, pretrained=True):
         super().__init__()
-        self.scaling_layer = nn.Module()
-        for name, value in ("shift", LPIPS_SHIFT), ("scale", LPIPS_SCALE):
-            self.scaling_layer.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1))
-        self.net, c, index = nn.Sequential(), 3, 0  # index: the layer's in vgg16().features
+        # shift and scale, (2, 1, 3, 1, 1): constants, not in the state dict
+        scaling = torch.tensor(LPIPS_SCALING).view(2, 1, 3, 1, 1)
+        self.register_buffer("scaling", scaling, persistent=False)
+        layers, c = [], 3
         for k, (width, n_convs) in enumerate(zip(LPIPS_CHANNELS, VGG16_CONVS)):
-            layers = [nn.MaxPool2d(2, 2)] if k else []
+            layers += [nn.MaxPool2d(2, 2)] * (k > 0)
             for _ in range(n_convs):
                 layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU()]
                 c = width
-            named = OrderedDict((str(index + j), layer) for j, layer in enumerate(layers))
-            self.net.add_module(f"slice{k + 1}", nn.Sequential(named))  # slice2.5 = features.5
-            index += len(layers)
-        for k, c in enumerate(LPIPS_CHANNELS):
-            # index 0 is the official Dropout(0.5): kept so the conv is `model.1`; inert in eval
-            head = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(c, 1, 1, bias=False))
-            nn.init.uniform_(head[1].weight, 0.0, 2.0 / c)  # stand-in, >= 0 as the real ones
+            # the official head: a Dropout (inert in eval) before the conv, so the conv is model.1
+            head = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(width, 1, 1, bias=False))
             self.add_module(f"lin{k}", nn.Sequential(OrderedDict(model=head)))
+        self.features = nn.Sequential(*layers)
         if pretrained:
             self.load_weights(*map(common.load_checkpoint, fetch_lpips_weights()))
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
-    def train(self, mode: bool = True):
-        # Always eval. The official trainer calls .train() on the module holding LPIPS, which turns
-        # the p=0.5 dropout of the lin heads back on and adds noise to the perceptual loss.
-        return super().train(False)
-
-    def load_weights(self, vgg: dict, lin: dict):
-        """torchvision's VGG16 `features.{i}` convs into net.slice*.{i}, and the five official lin
-        heads, strictly: the official loads the heads non-strictly and would keep random ones."""
-        sd = {"net." + k: vgg.get("features." + k.split(".", 1)[1]) for k in self.net.state_dict()}
-        sd.update(lin)
+    def load_weights(self, vgg, lin):
+        """The features of torchvision's VGG16 file and the five official lin heads, strictly:
+        the official loads the heads non-strictly and would keep random ones."""
         try:
-            self.load_state_dict({**sd, **dict(self.named_buffers())})  # + scaling_layer.*
+            self.load_state_dict({**vgg, **lin})
         except RuntimeError as e:  # names the missing, unexpected or misshapen keys
             raise UserError(
                 "expected torchvision's VGG16 file and the LPIPS v0.1 VGG lin file: "
                 + " ".join(str(e).split())[:300]
             ) from None
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        s = self.scaling_layer
-        h = (torch.cat([x, y]) - s.shift) / s.scale  # (2B, 3, H, W): one trunk pass for both
+    def forward(self, x, y):  # (B, 3, H, W) each -> (B,)
+        shift, scale = self.scaling
+        h = (torch.cat([x, y]) - shift) / scale  # (2B, 3, H, W): one trunk pass for both
         distance = 0.0
-        for k, layer_slice in enumerate(self.net):
-            h = layer_slice(h)
+        for k, end in enumerate(LPIPS_SLICES[1:]):
+            h = self.features[LPIPS_SLICES[k] : end](h)  # up to the next tap
             # unit length over channels; F.normalize divides by max(norm, eps) where the official
             # adds eps: equal to 1e-10, but with a finite gradient where a feature vector is 0
             fx, fy = F.normalize(h, dim=1, eps=1e-10).chunk(2)
@@ -148,40 +140,34 @@ class LPIPS(nn.Module):
 # ------------------------------------------------------------------------ PatchGAN and GAN losses
 
 
-class PatchGANDiscriminator(nn.Module):
-    """pix2pix NLayerDiscriminator as official: (B, 3, H, W) -> logits (B, 1, H/8-2, W/8-2), one
-    per 70x70 patch (30x30 at 256)."""
+class PatchGANDiscriminator(nn.Sequential):
+    """pix2pix NLayerDiscriminator as official (ndf 64, 3 layers): (B, 3, H, W) -> logits
+    (B, 1, H/8-2, W/8-2), one per 70x70 patch (30x30 at 256). A Sequential of one, `main`, so
+    that the keys are the official main.{i}.*"""
 
-    def __init__(self, ndf=64, n_layers=3):
-        super().__init__()
-        layers, c = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
-        for n in range(1, n_layers + 1):  # x2 channels per layer (at most 8 ndf), last at stride 1
-            out = ndf * min(2**n, 8)
-            conv = nn.Conv2d(c, out, 4, 2 if n < n_layers else 1, 1, bias=False)
+    def __init__(self):
+        layers, c = [nn.Conv2d(3, 64, 4, 2, 1), nn.LeakyReLU(0.2, True)], 64
+        for out, stride in (128, 2), (256, 2), (512, 1):  # x2 channels a layer, the last stride 1
+            conv = nn.Conv2d(c, out, 4, stride, 1, bias=False)  # BatchNorm brings the bias
             layers += [conv, nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
             c = out
-        self.main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
-        for m in self.modules():  # official init; conv biases keep PyTorch's default
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
+        main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
+        # official init: conv weights N(0, 0.02), BatchNorm scales N(1, 0.02); the biases keep
+        # PyTorch's init (BatchNorm's is 0, what the official sets it to)
+        for m in main:
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                nn.init.normal_(m.weight, float(isinstance(m, nn.BatchNorm2d)), 0.02)
+        super().__init__(OrderedDict(main=main))
 
 
 # discriminator losses of (D(x), D(x_hat)) logits; generator losses of D(x_hat)
 DISC_LOSSES = {
     "hinge": lambda real, fake: 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()),
     "vanilla": lambda real, fake: 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean()),
-    # textbook BCE(D(x), 1) + BCE(D(x_hat), 0); the official passes the constant as the logits and
-    # D's output as the target (arguments swapped), which is not a GAN loss: not copied
-    "non-saturating": lambda real, fake: (
-        F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-        + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
-    ),
+    # textbook BCE(D(x), 1) + BCE(D(x_hat), 0), i.e. softplus(-real) + softplus(fake); the official
+    # passes the constant as the logits and D's output as the target (arguments swapped), which is
+    # not a GAN loss: not copied
+    "non-saturating": lambda real, fake: F.softplus(-real).mean() + F.softplus(fake).mean(),
 }
 GEN_LOSSES = {
     "hinge": lambda fake: -fake.mean(),
@@ -190,7 +176,7 @@ GEN_LOSSES = {
 RECONSTRUCTION_LOSSES = {"l2": F.mse_loss, "l1": F.l1_loss}
 
 
-def adaptive_weight(nll_loss, g_loss, last_layer: torch.Tensor) -> torch.Tensor:
+def adaptive_weight(nll_loss, g_loss, last_layer):
     """||grad nll|| / (||grad G|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4]: VQGAN's
     balance of the GAN term against the reconstruction."""
     nll_norm, g_norm = (
@@ -200,14 +186,14 @@ def adaptive_weight(nll_loss, g_loss, last_layer: torch.Tensor) -> torch.Tensor:
     return (nll_norm / (g_norm + 1e-4)).clamp(0.0, 1e4).detach()
 
 
-def backward_and_step(loss, opt, scaler, max_grad_norm: float):
-    """zero_grad, backward (scaled for fp16), clip the unscaled gradient norm, step."""
-    opt.zero_grad(set_to_none=True)
+def backward_and_step(loss, opt, scaler, max_grad_norm):
+    """One optimizer step of either net: zero_grad, backward (scaled for fp16), clip the unscaled
+    gradient norm (0 = no clipping), step."""
+    opt.zero_grad()  # set_to_none, torch's default
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # a no-op unless fp16; step() then knows it was done
-    if max_grad_norm > 0:
-        params = [p for group in opt.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if max_grad_norm > 0:  # one param group: the optimizers are built on net.parameters()
+        torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], max_grad_norm)
     scaler.step(opt)
     scaler.update()
 
@@ -215,9 +201,8 @@ def backward_and_step(loss, opt, scaler, max_grad_norm: float):
 # ----------------------------------------------------------------------------- CLI
 
 # Every flag and its default (its type is the default's; False makes a switch; a table offers its
-# keys), the numbers of
-# the official vq_train.py. 0 for --max-steps, --codebook-size, --codebook-embed-dim: --epochs' and
-# the preset's instead.
+# keys, the first by default), the numbers of the official vq_train.py. 0 for --max-steps,
+# --codebook-size, --codebook-embed-dim: --epochs' and the preset's instead.
 FLAGS = dict(
     image_size=256,  # pixels per side: a multiple of the VQ's downsampling factor
     global_batch_size=128,  # images per optimizer step, all processes together
@@ -234,7 +219,8 @@ FLAGS = dict(
     disc_start=20000,  # the first step with the GAN losses
     disc_weight=0.5,  # 0 = no discriminator at all
     disc_adaptive_weight=False,  # VQGAN's adaptive GAN weight (the official leaves it off)
-    ema=False,  # keep an EMA of the weights (decay EMA_DECAY)
+    ema=False,  # keep an EMA of the weights (decay 0.9999)
+    no_flip=False,  # random crops, never mirrored: for data where left and right matter (text)
     log_every=100,
     ckpt_every=5000,
     sample_every=1000,  # a PNG of inputs above their reconstructions; 0 = never
@@ -247,64 +233,62 @@ FLAGS = dict(
     disc_loss=DISC_LOSSES,
     gen_loss=GEN_LOSSES,
 )
+# What a resumed run may change. A bare --resume continues the saved run with its own flags
+# (common.resume_args); these set only its length, cadence and machinery (and --ema may start an
+# EMA from the loaded weights). Another flag changed, e.g. --global-batch-size, stops the run.
+RESUMABLE = {
+    "max_steps",
+    "epochs",
+    "log_every",
+    "ckpt_every",
+    "sample_every",
+    "results_dir",
+    "num_workers",
+    "compile",
+    "skip_bad_images",
+    "ema",
+}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the LlamaGen VQ tokenizer.")
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train the LlamaGen VQ tokenizer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # --help shows every default
+    )
     p.add_argument("--data-path", required=True, help="class-per-folder image tree")
-    preset = functools.partial(common.preset, VQ_CONFIGS)  # "tiny" = "VQ-tiny"
     p.add_argument(
-        "--model", "--vq-model", type=preset, default="VQ-16", help=", ".join(VQ_CONFIGS)
+        "--model",
+        "--vq-model",  # the official name
+        type=functools.partial(common.preset, VQ_CONFIGS),  # "tiny" = "VQ-tiny"
+        default="VQ-16",
+        help="a VQ_CONFIGS key",
     )
     for name, default in FLAGS.items():
         flag = "--" + name.replace("_", "-")
         if default is False:
             p.add_argument(flag, action="store_true")
         elif isinstance(default, dict):  # a table of losses: its keys, the first by default
-            p.add_argument(
-                flag,
-                choices=list(default),
-                default=next(iter(default)),
-                help="default: %(default)s",
-            )
+            p.add_argument(flag, choices=default, default=next(iter(default)), help="%(choices)s")
         else:
-            p.add_argument(flag, type=type(default), default=default, help="default: %(default)s")
-    p.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"])  # None: bf16 on a GPU
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--resume", help="checkpoint to continue exactly where it stopped")
-    source.add_argument("--finetune", help="checkpoint to take weights from; steps start at 0")
-    return p.parse_args(argv)
+            p.add_argument(flag, type=type(default), default=default, help="%(type)s")
+    p.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"], help="None: bf16 on GPUs")
+    # both: refused, since --finetune differs from the resumed run's (common.resume_args)
+    p.add_argument("--resume", help="checkpoint of a run to continue exactly, its flags too")
+    p.add_argument("--finetune", help="checkpoint to take weights from; steps start at 0")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- training
 
-
-def build_vq(args, source) -> VQModel:
-    """A fresh VQ of the preset, or the weights of `source` (the checkpoint to resume or tune)."""
-    losses = dict(
-        commit_loss_beta=args.commit_loss_beta, entropy_loss_ratio=args.entropy_loss_ratio
-    )
-    if source is None:
-        sizes = ("codebook_size", "codebook_embed_dim")
-        sizes = {k: getattr(args, k) for k in sizes if getattr(args, k)}
-        return VQModel(VQConfig.from_name(args.model, **losses, **sizes))
-    try:  # the trained weights, not the EMA: training continues from them
-        vq = VQModel.from_checkpoint(source, prefer_ema=False).train()
-    except ValueError as e:  # e.g. a GPT checkpoint
-        raise UserError(f"{args.resume or args.finetune}: {e}") from None
-    if args.finetune:  # the loss settings are this run's
-        vars(vq.config).update(losses)
-    return vq
-
-
 # what a checkpoint holds besides step, config, args and rng: Trainer attributes of these names
 PARTS = ("model", "ema", "discriminator", "optimizer", "optimizer_disc", "scaler", "scaler_disc")
-
-
-LOG_TERMS = [  # what train_step returns, in order; a log line has their means since the last one
-    *("gen_loss", "rec_loss", "perceptual_loss", "gen_adv_loss", "adaptive_weight", "vq_loss"),
-    *("commit_loss", "entropy_loss", "disc_loss", "logits_real", "logits_fake", "bad_images"),
-]
+# what train_step returns, in order; a log line has their means since the last one
+LOG_TERMS = """gen_loss rec_loss perceptual_loss gen_adv_loss adaptive_weight vq_loss commit_loss
+    entropy_loss disc_loss logits_real logits_fake bad_images""".split()
 
 
 class Trainer:
@@ -313,42 +297,57 @@ class Trainer:
     self.discriminator are saved, EMA'd, and give the generator's GAN term."""
 
     def __init__(self, args, env, ckpt):
-        self.args, self.env, self.step = args, env, ckpt["step"] if ckpt else 0
-        source = ckpt or (common.load_checkpoint(args.finetune) if args.finetune else None)
-        self.model = vq = build_vq(args, source).to(env.device)
+        self.args, self.env = args, env
+        # the VQ: the trained weights (not the EMA) of the run to resume or the file to finetune,
+        # or a fresh one of the preset
+        source = ckpt or args.finetune and common.load_checkpoint(args.finetune)
+        try:
+            vq = source and VQModel.from_checkpoint(source, prefer_ema=False)
+        except ValueError as e:  # e.g. a GPT checkpoint
+            raise UserError(f"{args.resume or args.finetune}: {e}") from None
+        if not source:  # --codebook-size / --codebook-embed-dim 0: the preset's
+            sizes = {
+                k: v for k in ("codebook_size", "codebook_embed_dim") if (v := getattr(args, k))
+            }
+            vq = VQModel(VQConfig.from_name(args.model, **sizes))
+        # the quantizer reads its config at every step; a resumed run's are the saved ones
+        vars(vq.config).update(
+            commit_loss_beta=args.commit_loss_beta, entropy_loss_ratio=args.entropy_loss_ratio
+        )
+        self.model = vq = vq.train().to(env.device)
         if args.image_size % vq.config.downsample:
             raise UserError(f"--image-size must be a multiple of {vq.config.downsample}")
-        self.lpips = None  # built before anything is written: a failed download stops the run
-        if args.perceptual_weight > 0:
-            if env.rank > 0:
-                dist.barrier()  # rank 0 downloads, the others then read its cache
-            self.lpips = LPIPS().to(env.device)
-            if env.rank == 0 and env.distributed:
-                dist.barrier()
+        # LPIPS before anything is written: a failed download stops the run. Rank 0 downloads,
+        # the others then read its cache.
+        if args.perceptual_weight > 0 and not env.rank:
+            fetch_lpips_weights()
+        if env.distributed:
+            dist.barrier()
+        self.lpips = LPIPS().to(env.device) if args.perceptual_weight > 0 else None
         self.discriminator = disc = PatchGANDiscriminator().to(env.device)
         self.ema = copy.deepcopy(vq).requires_grad_(False) if args.ema else None
-        adam = functools.partial(torch.optim.Adam, lr=args.lr, betas=ADAM_BETAS)
-        self.optimizer, self.optimizer_disc = adam(vq.parameters()), adam(disc.parameters())
-        fp16 = env.precision == "fp16"  # loss scaling only for fp16
-        self.scaler, self.scaler_disc = (torch.amp.GradScaler(enabled=fp16) for _ in range(2))
+        self.optimizer, self.optimizer_disc = (
+            # official: plain Adam (its --weight-decay is unused), the same for both nets
+            torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.95))
+            for net in (vq, disc)
+        )
+        self.scaler, self.scaler_disc = (  # loss scaling only for fp16
+            torch.amp.GradScaler(enabled=env.precision == "fp16") for _ in range(2)
+        )
+        # resume: every part; finetune: the discriminator too when the file has one (ours). A
+        # scaler saved disabled is {} and the EMA of a run without --ema None: both stay as built
+        # (an EMA then starts from the loaded weights).
+        for key in PARTS if ckpt else ["discriminator"] * bool(source):
+            part = getattr(self, key)
+            if part is not None and source.get(key):
+                part.load_state_dict(source[key])
         if ckpt:
-            # a scaler saved disabled is {}, the EMA of a run without --ema None: both stay as
-            # built (the EMA then starts from the loaded weights)
-            for key, part in self.parts().items():
-                if part is not None and ckpt[key]:
-                    part.load_state_dict(ckpt[key])
             common.restore_rng(ckpt["rng"], env)
-        elif isinstance(source and source.get("discriminator"), dict):
-            disc.load_state_dict(source["discriminator"])  # finetune from one of our checkpoints
         self.vq, self.disc = torch.compile(vq) if args.compile else vq, disc
         if env.distributed:  # the discriminator's BatchNorm stays plain, unsynced, as official
             self.vq, self.disc = DDP(self.vq), DDP(disc)  # each on its one device already
 
-    def parts(self) -> dict:
-        """Checkpoint key -> the attribute saved there (anything with a state_dict)."""
-        return {key: getattr(self, key) for key in PARTS}
-
-    def train_step(self, images, labels, step: int):
+    def train_step(self, images, labels, step):
         """One generator step, then one discriminator step from --disc-start on (Sec. 2.2).
 
         images (B, 3, S, S) in [-1, 1] -> (the readable ones, their reconstructions, codebook
@@ -367,16 +366,14 @@ class Trainer:
             perceptual = self.lpips(x, recon).mean() if self.lpips else zero
             nll = args.reconstruction_weight * rec + args.perceptual_weight * perceptual
             gen_adv, weight = zero, zero + 1
-            if disc_on:  # gradients flow through D to the VQ; D's own are not needed
-                self.discriminator.requires_grad_(False)
+            if disc_on:  # through the unwrapped D: its gradients here are dropped by the D step
                 gen_adv = GEN_LOSSES[args.gen_loss](self.discriminator(recon))
-                self.discriminator.requires_grad_(True)
                 if args.disc_adaptive_weight:
                     weight = adaptive_weight(nll, gen_adv, self.model.decoder.conv_out.weight)
             loss = nll + weight * args.disc_weight * gen_adv + vq_loss + commit_loss + entropy_loss
         backward_and_step(loss, self.optimizer, self.scaler, args.max_grad_norm)
         if self.ema is not None:
-            common.update_ema(self.ema, self.model, EMA_DECAY)
+            common.update_ema(self.ema, self.model, 0.9999)  # the official decay
 
         disc_loss = real = fake = zero  # the discriminator, on the detached reconstructions
         if disc_on:
@@ -386,66 +383,60 @@ class Trainer:
             backward_and_step(disc_loss, self.optimizer_disc, self.scaler_disc, args.max_grad_norm)
         terms = [loss, rec, perceptual, gen_adv, weight, vq_loss, commit_loss, entropy_loss]
         terms += [disc_loss, real.mean(), fake.mean(), (labels < 0).sum().to(x)]
-        return x, recon.detach(), usage, torch.stack([t.detach().float() for t in terms])
-
-    def save(self, step: int, folder):
-        """All a resumed run needs to go on bit for bit, as checkpoints/{step}.pt and last.pt."""
-        state = {key: part and part.state_dict() for key, part in self.parts().items()}
-        state.update(step=step, config=asdict(self.model.config), args=vars(self.args))
-        state["rng"] = common.gather_rng(self.env)  # every rank's: each continues its own stream
-        common.save_checkpoints(state, folder, step, self.env)
-
-
-def log_means(sums, steps: int, env) -> dict:
-    """LOG_TERMS averaged over the steps and ranks since the last line (bad_images summed); the
-    one all-reduce, so that a step costs no communication (DiT)."""
-    if env.distributed:
-        dist.all_reduce(sums)
-    means = dict(zip(LOG_TERMS, (sums / (steps * env.world_size)).tolist()))
-    return {**means, "bad_images": int(sums[-1])}
+        return x, recon.detach(), usage, torch.stack(terms).detach().float()  # (12,) LOG_TERMS
 
 
 def main(args):
+    ckpt = args.resume and common.load_checkpoint(args.resume)
+    if ckpt and "discriminator" not in ckpt:  # released weights, a GPT: not a run to continue
+        raise UserError(f"{args.resume}: not a train_vq.py checkpoint (weights: --finetune)")
+    changed = common.resume_args(args, build_parser(), ckpt["args"], RESUMABLE) if ckpt else []
     env = common.setup(args.mixed_precision)
     if args.global_batch_size % env.world_size:
         raise UserError(f"--global-batch-size must be divisible by {env.world_size} processes")
     torch.manual_seed(args.global_seed * env.world_size + env.rank)
-    trainer = Trainer(args, env, args.resume and common.load_checkpoint(args.resume))
+    trainer = Trainer(args, env, ckpt)
 
-    # data: the ADM random crop + flip seeded by (seed, epoch, index), one DataLoader for the run
-    dataset = data.ImageFolder(
-        args.data_path, args.image_size, "random", args.skip_bad_images, args.global_seed
-    )
-    rank_batch, first = args.global_batch_size // env.world_size, trainer.step
-    sampler = common.TrainSampler(len(dataset), rank_batch, env, args.global_seed, first)
+    # data: the ADM random crop (+ flip) seeded by (seed, epoch, index), one DataLoader for the run
+    augment, seed = "crop" if args.no_flip else "random", args.global_seed
+    dataset = data.ImageFolder(args.data_path, args.image_size, augment, args.skip_bad_images, seed)
+    rank_batch, first = args.global_batch_size // env.world_size, ckpt["step"] if ckpt else 0
+    sampler = common.TrainSampler(len(dataset), rank_batch, env, seed, first)
     batches = sampler.batches(dataset, rank_batch, args.num_workers)
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
 
     folder = common.run_dir(args.results_dir, args.model, args.resume)
-    logger = common.JsonlLogger(folder / "log.jsonl")
-    common.print0(f"{args.model}, {len(dataset)} images, {env}; steps {first} -> {total}; {folder}")
-    bar = tqdm(total=total, initial=first, disable=env.rank != 0, desc="train_vq")
-    sums, since, t0 = 0, first, time.time()
-    for step in range(first + 1, total + 1):
+    logger = common.JsonlLogger(folder / "log.jsonl", resume_step=first)  # drops lines > first
+    common.print0(
+        f"{args.model}, {len(dataset)} images, {env}; steps {first} -> {total}; {folder}",
+        *changed,  # the flags a resumed run overrides, "max_steps 300 -> 600"
+        sep="; ",
+    )
+    due = lambda every: every and (step % every == 0 or step == total)  # 0 = never
+    # the bar counts optimizer steps first+1..total; `step` is the number done after each one
+    bar = tqdm(range(first + 1, total + 1), "train_vq", total, initial=first, disable=env.rank)
+    sums, since, t0 = 0, first, time.time()  # LOG_TERMS summed since the last log line
+    for step in bar:
         x, recon, usage, terms = trainer.train_step(*next(batches), step)
         sums = sums + terms
-        bar.update()
-        last = step == total
-
-        if step % args.log_every == 0 or last:
-            speed = (step - since) * args.global_batch_size / (time.time() - t0)
+        if due(args.log_every):  # LOG_TERMS averaged over steps and ranks (bad_images summed):
+            if env.distributed:  # the one all-reduce, so that a step costs no communication (DiT)
+                dist.all_reduce(sums)
+            values = (sums / ((step - since) * env.world_size)).tolist()
+            means = dict(zip(LOG_TERMS, values), bad_images=int(sums[-1]), codebook_usage=usage)
             epoch = (step - 1) // sampler.steps_per_epoch
-            record = dict(step=step, epoch=epoch, **log_means(sums, step - since, env))
-            logger.log(dict(record, codebook_usage=usage, lr=args.lr, images_per_sec=speed))
-            bar.set_postfix(rec=f"{record['rec_loss']:.4f}", usage=f"{usage:.3f}")
-            sums, since, t0 = 0, step, time.time()
-        if args.sample_every and (step % args.sample_every == 0 or last) and env.rank == 0:
-            k = min(8, len(x))  # top row the inputs, bottom row their reconstructions
-            grid = torch.cat([x[:k], recon[:k]])  # (2k, 3, S, S)
-            data.save_image_grid(grid, folder / "samples" / f"{step:07d}.png", nrow=k)
-        if step % args.ckpt_every == 0 or last:
-            trainer.save(step, folder)
-    bar.close()
+            # elapsed_s: since the start of this process; the throughput between two lines
+            logger.log(dict(step=step, epoch=epoch, **means, elapsed_s=time.time() - t0))
+            bar.set_postfix_str(f"rec {means['rec_loss']:.4f}, usage {usage:.3f}")
+            sums, since = 0, step
+        if due(args.sample_every) and not env.rank:
+            grid = torch.cat([x[:8], recon[:8]])  # (2k, 3, S, S), k <= 8: inputs above outputs
+            data.save_image_grid(grid, folder / "samples" / f"{step:07d}.png", nrow=len(x[:8]))
+        if due(args.ckpt_every):  # all a resumed run needs to go on bit for bit
+            state = {k: getattr(trainer, k) and getattr(trainer, k).state_dict() for k in PARTS}
+            state |= dict(step=step, config=asdict(trainer.model.config), args=vars(args))
+            state["rng"] = common.gather_rng(env)  # every rank's: each goes on with its own stream
+            common.save_checkpoints(state, folder, step, env)  # {step}.pt and last.pt
     common.print0(f"done: {total} steps, checkpoints in {folder / 'checkpoints'}")
     if env.distributed:
         dist.destroy_process_group()

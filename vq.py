@@ -21,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 USAGE_RING = 65536  # official size of the `codebook_used` buffer (recent assignments)
-ENTROPY_TEMPERATURE = 0.01  # official tau of the entropy loss
 
 
 # ----------------------------------------------------------------------------- config
@@ -53,12 +52,12 @@ class VQConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "VQConfig":
         """Preset by its exact name ("VQ-16"), with field overrides."""
-        return cls(**{**VQ_CONFIGS[name], **overrides})
+        return cls(**VQ_CONFIGS[name] | overrides)
 
 
 VQ_CONFIGS = {
     # official (paper Table 1): ds 16 -> 16x16 tokens at 256 px, ds 8 -> 32x32
-    "VQ-16": dict(encoder_ch_mult=[1, 1, 2, 2, 4]),  # 71.9M
+    "VQ-16": dict(),  # 71.9M: the VQConfig defaults, encoder_ch_mult [1, 1, 2, 2, 4]
     "VQ-8": dict(encoder_ch_mult=[1, 2, 2, 4]),  # 70.1M
     # ours: small presets for CPU runs and tests (GroupNorm's 32 groups need channels % 32 == 0)
     "VQ-small": dict(
@@ -114,9 +113,9 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         h = self.norm(x)
         # (B, 1, HW, C) each: the H*W positions are the sequence, one head as wide as all C channels
-        q, k, v = (conv(h).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))
+        q, k, v = (conv(h).flatten(2).mT[:, None] for conv in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C); scale C ** -0.5 as official
-        return x + self.proj_out(h.transpose(1, 2).reshape(x.shape))
+        return x + self.proj_out(h.mT.reshape(x.shape))
 
 
 class Resample(nn.Module):
@@ -141,17 +140,16 @@ class Level(nn.Module):
     def __init__(self, in_ch, out_ch, n_res, attn, dropout):
         super().__init__()
         self.res = nn.ModuleList(
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, dropout) for i in range(n_res)
+            ResnetBlock(out_ch if i else in_ch, out_ch, dropout) for i in range(n_res)
         )
         self.attn = nn.ModuleList(AttnBlock(out_ch) for _ in range(n_res if attn else 0))
 
     def forward(self, h):
         for i, res in enumerate(self.res):
-            h = res(h)
-            if self.attn:
-                h = self.attn[i](h)
-        resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
-        return resample(h) if resample else h
+            h = self.attn[i](res(h)) if self.attn else res(h)
+        for resample in list(self.children())[2:]:  # the `downsample` or `upsample`, if any
+            h = resample(h)
+        return h
 
 
 def middle(ch, dropout):
@@ -164,7 +162,21 @@ def middle(ch, dropout):
 # ----------------------------------------------------------------------------- encoder / decoder
 
 
-class Encoder(nn.Module):
+class Coder(nn.Module):
+    """The forward pass the encoder and decoder share: their modules run in the order they were
+    built, which is the official order: conv_in, the two block lists (the encoder's levels then
+    mid, the decoder's mid then levels), then norm_out, swish and conv_out."""
+
+    def forward(self, x):
+        conv_in, *block_lists, norm_out, conv_out = self.children()
+        h = conv_in(x)
+        for blocks in block_lists:
+            for block in blocks:
+                h = block(h)
+        return conv_out(F.silu(norm_out(h)))
+
+
+class Encoder(Coder):
     """(B, 3, H, W) -> (B, z_channels, H/ds, W/ds); attention only at the lowest resolution."""
 
     def __init__(self, cfg: VQConfig):
@@ -172,10 +184,10 @@ class Encoder(nn.Module):
         ch, mult = cfg.ch, cfg.encoder_ch_mult
         n = len(mult)
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
-        self.conv_blocks = nn.ModuleList()
+        self.conv_blocks, c = nn.ModuleList(), ch
         for i in range(n):  # highest resolution first
-            c_in, c = ch * ([1] + mult)[i], ch * mult[i]
-            level = Level(c_in, c, cfg.num_res_blocks, i == n - 1, cfg.dropout_p)
+            level = Level(c, ch * mult[i], cfg.num_res_blocks, i == n - 1, cfg.dropout_p)
+            c = ch * mult[i]
             if i != n - 1:
                 level.downsample = Resample(c, down=True)
             self.conv_blocks.append(level)
@@ -183,39 +195,28 @@ class Encoder(nn.Module):
         self.norm_out = Normalize(c)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
-    def forward(self, x):
-        h = self.conv_in(x)
-        for block in [*self.conv_blocks, *self.mid]:
-            h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
 
-
-class Decoder(nn.Module):
+class Decoder(Coder):
     """(B, z_channels, h, w) -> (B, 3, h*ds, w*ds); conv_blocks.0 is the LOWEST resolution."""
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
         ch, mult = cfg.ch, cfg.decoder_ch_mult
-        n = len(mult)
         c = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = middle(c, cfg.dropout_p)
         self.conv_blocks = nn.ModuleList()
-        for i in reversed(range(n)):  # official order: lowest resolution first
-            level = Level(c, ch * mult[i], cfg.num_res_blocks + 1, i == n - 1, cfg.dropout_p)
+        for i in reversed(range(len(mult))):  # official order: lowest resolution first
+            level = Level(
+                c, ch * mult[i], cfg.num_res_blocks + 1, i == len(mult) - 1, cfg.dropout_p
+            )
             c = ch * mult[i]
-            if i != 0:
+            if i:  # not the highest resolution
                 level.upsample = Resample(c, down=False)
             self.conv_blocks.append(level)
         self.norm_out = Normalize(c)
         # its weight is the "last layer" of the optional adaptive GAN weight (train_vq.py)
-        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
-
-    def forward(self, quant):
-        h = self.conv_in(quant)
-        for block in [*self.mid, *self.conv_blocks]:
-            h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # no tanh: nominally [-1, 1]
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)  # no tanh after it: nominally [-1, 1]
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -228,17 +229,18 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
-        nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+        w = self.embedding.weight.data  # official init: uniform in +-1/K, then onto the sphere
+        w.uniform_(-1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
         if cfg.codebook_l2_norm:
-            self.embedding.weight.data = F.normalize(self.embedding.weight.data, dim=-1)
+            w.copy_(F.normalize(w, dim=-1))
         # ring of the latest assignments (official name/size/dtype; every official file has it, so
         # the strict load needs it); -1 = empty slot, never counted
         self.register_buffer("codebook_used", torch.full((USAGE_RING,), -1.0))
 
     def codebook(self):
         """(K, C) codebook rows as used for lookup (l2-normalised by default)."""
-        w = self.embedding.weight
-        return F.normalize(w, dim=-1) if self.cfg.codebook_l2_norm else w
+        rows = self.embedding.weight
+        return F.normalize(rows, dim=-1) if self.cfg.codebook_l2_norm else rows
 
     def forward(self, latents):
         """(B, C, h, w) -> (quant (B, C, h, w), (vq, commit, entropy, usage), indices (B*h*w,))."""
@@ -259,7 +261,7 @@ class VectorQuantizer(nn.Module):
             vq_loss = torch.mean((quant - latents.detach()) ** 2)
             commit_loss = cfg.commit_loss_beta * torch.mean((quant.detach() - latents) ** 2)
             entropy_loss = latents.new_zeros(())  # skip the (N, K) softmax when it is off
-            if cfg.entropy_loss_ratio > 0:
+            if cfg.entropy_loss_ratio:
                 entropy_loss = cfg.entropy_loss_ratio * entropy_loss_fn(-distance)
             usage = 0.0
             if cfg.codebook_show_usage:  # push the newest indices into the ring (the last 65,536
@@ -276,7 +278,7 @@ class VectorQuantizer(nn.Module):
 def entropy_loss_fn(affinity):
     """Mean per-token entropy minus entropy of the mean assignment (official, softmax type):
     low = each token sure of its code, high = codes used evenly across the batch."""
-    logits = affinity / ENTROPY_TEMPERATURE  # (N, K)
+    logits = affinity / 0.01  # (N, K); the official temperature tau
     # the official adds 1e-5 inside log_softmax's log: a constant shift, no effect
     probs, log_probs = F.softmax(logits, dim=-1), F.log_softmax(logits, dim=-1)
     sample_entropy = -(probs * log_probs).sum(-1).mean()
@@ -304,7 +306,7 @@ class VQModel(nn.Module):
         """x (B, 3, H, W) in [-1, 1] -> (quant (B, C, h, w), losses, indices (B*h*w,) raster)."""
         ds = self.config.downsample
         # other sizes would run but come back resized: 250 -> 16 tokens -> 256 pixels
-        if x.shape[-2] % ds or x.shape[-1] % ds:
+        if any(side % ds for side in x.shape[-2:]):
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of {ds}: resize")
         return self.quantize(self.quant_conv(self.encoder(x)))
 
@@ -315,18 +317,15 @@ class VQModel(nn.Module):
     def decode_code(self, indices: torch.Tensor, shape=None) -> torch.Tensor:
         """indices (B, h, w), (B, h*w) of a square grid, or flat with shape=(B, C, h, w)
         -> images (B, 3, h*ds, w*ds)."""
-        C, K = self.config.codebook_embed_dim, self.config.codebook_size
-        if shape is None:  # (B, h, w) as given; (B, h*w) as a square grid
-            B, *grid = indices.shape
-            shape = (
-                (B, C, *grid) if len(grid) == 2 else (B, C, *[math.isqrt(indices[0].numel())] * 2)
-            )
-        B, _, h, w = shape
-        if not 0 <= indices.min() <= indices.max() < K:  # the codebook lookup would fail anyway
+        K = self.config.codebook_size
+        if not 0 <= indices.min() <= indices.max() < K:  # negative ones would wrap around
             raise ValueError(f"token indices must lie in [0, {K})")
-        quant = self.quantize.codebook()[indices.reshape(-1).long()]  # (B*h*w, C)
-        # view raises if the indices do not fill the grid: B*h*w of them are needed
-        return self.decode(quant.view(B, h, w, C).permute(0, 3, 1, 2))
+        if shape:  # the official call: flat indices and the quant shape (B, C, h, w)
+            indices = indices.reshape(shape[0], *shape[2:])
+        elif indices.ndim == 2:  # (B, h*w): a square grid (raises if h*w is not a square)
+            indices = indices.unflatten(1, [math.isqrt(indices.shape[1])] * 2)
+        # (B, h, w) -> (B, h, w, C) -> (B, C, h, w); reshape raises if the indices do not fill it
+        return self.decode(self.quantize.codebook()[indices.long()].permute(0, 3, 1, 2))
 
     def forward(self, x: torch.Tensor):
         """x (B, 3, H, W) -> (reconstruction (B, 3, H, W), (vq, commit, entropy, usage))."""
@@ -345,7 +344,7 @@ class VQModel(nn.Module):
             raise ValueError(f"not a VQ tokenizer checkpoint: keys {sorted(sd)[:4]}...")
         model = cls(VQConfig(**obj["config"]) if "config" in obj else infer_config(sd))
         try:
-            model.load_state_dict(sd, strict=True)
+            model.load_state_dict(sd)  # strict, torch's default
         except RuntimeError as e:  # missing / unexpected keys, wrong shapes: torch names them
             raise ValueError(" ".join(str(e).split())[:400]) from None
         return model.eval()

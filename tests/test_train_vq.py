@@ -1,5 +1,6 @@
 """Tests for train_vq.py: LPIPS (layout, gradients, download), PatchGAN, GAN losses, a few-step run,
-exact resume, bad images, and the offline error.
+exact resume (bare: the saved run's flags), the log after a resume, --no-flip, bad images, the
+offline error and the one-line errors.
 
     python -m pytest tests/test_train_vq.py -q
 """
@@ -7,13 +8,17 @@ exact resume, bad images, and the offline error.
 import hashlib
 import json
 import math
+import os
 import shutil
-from functools import partial
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import common
+import data
 import train_vq
 from common import UserError
 from train_vq import LPIPS, LPIPS_CHANNELS, PatchGANDiscriminator, main, parse_args
@@ -21,6 +26,7 @@ from vq import VQModel
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def softplus(v):
@@ -56,9 +62,16 @@ def read_log(run_dir):
 # ----------------------------------------------------------------------------- LPIPS
 
 
+def random_lpips():
+    """LPIPS with random trunk weights and positive heads (as the real ones)."""
+    lpips = LPIPS(pretrained=False)
+    lpips.load_weights(fake_vgg(classifier=False), heads())
+    return lpips
+
+
 def test_lpips_zero_for_identical_positive_otherwise_and_differentiable():
     torch.manual_seed(0)
-    lpips = LPIPS(pretrained=False)
+    lpips = random_lpips()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1).requires_grad_(True)
     assert torch.equal(lpips(x, x), torch.zeros(2))
@@ -67,8 +80,7 @@ def test_lpips_zero_for_identical_positive_otherwise_and_differentiable():
     d.sum().backward()
     assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0  # reaches the input
     assert not any(p.requires_grad for p in lpips.parameters())  # trunk and heads frozen
-    lpips.train()  # stays in eval: no dropout noise (the official trainer re-enables it)
-    assert not any(m.training for m in lpips.modules())
+    assert not any(m.training for m in lpips.modules())  # built in eval: no dropout noise
     assert torch.equal(lpips(x, y.detach()), lpips(x, y.detach()))
 
 
@@ -78,31 +90,21 @@ def heads(channels=LPIPS_CHANNELS, conv=1):
 
 def fake_vgg(classifier=True):
     """A torchvision-style VGG16 state dict (features.{i}.*) of random numbers."""
-    trunk = LPIPS(pretrained=False).net.state_dict()  # "slice2.5.weight" is features.5.weight
-    vgg = {"features." + k.split(".", 1)[1]: torch.randn(v.shape) for k, v in trunk.items()}
+    trunk = LPIPS(pretrained=False).features.state_dict()  # "5.weight" is features.5.weight
+    vgg = {"features." + k: torch.randn(v.shape) * 0.1 for k, v in trunk.items()}
     return {**vgg, "classifier.0.weight": torch.randn(8, 8)} if classifier else vgg
 
 
-def test_lpips_official_key_layout_loads_strictly():
+def test_lpips_keys_are_the_official_files_keys():
     lpips = LPIPS(pretrained=False)
-    keys = set(lpips.state_dict())
-    assert {
-        "scaling_layer.shift",
-        "scaling_layer.scale",
-        "net.slice1.0.weight",
-        "net.slice2.5.weight",
-        "net.slice3.10.weight",
-        "net.slice4.17.weight",
-        "net.slice5.28.bias",
-    } <= keys
-    lin = heads()
-    assert {k for k in keys if k.startswith("lin")} == set(lin)
-    official = {**LPIPS(pretrained=False).state_dict(), **lin}
-    lpips.load_state_dict(official, strict=True)
-    vgg = fake_vgg(classifier=False)
+    vgg, lin = fake_vgg(classifier=False), heads()
+    # the 13 convs of torchvision's vgg16().features and the five official heads, nothing else
+    assert set(lpips.state_dict()) == set(vgg) | set(lin) and len(vgg) == 26
+    convs = [i for i, m in enumerate(lpips.features) if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's indices
     lpips.load_weights(vgg, lin)
     assert torch.equal(lpips.lin3.model[1].weight, lin["lin3.model.1.weight"])
-    assert torch.equal(lpips.net.slice4.get_submodule("17").bias, vgg["features.17.bias"])
+    assert torch.equal(lpips.features[17].bias, vgg["features.17.bias"])
 
 
 def test_lpips_rejects_wrong_files():
@@ -111,10 +113,12 @@ def test_lpips_rejects_wrong_files():
         lpips.load_weights(vgg, heads(conv=0))  # no dropout: the conv is model.0
     with pytest.raises(UserError, match="lin4.model.1.weight"):
         lpips.load_weights(vgg, heads(LPIPS_CHANNELS[:4]))  # a head missing
-    with pytest.raises(UserError, match="VGG16.*net.slice1.0.weight"):
+    with pytest.raises(UserError, match="VGG16.*features.0.weight"):
         lpips.load_weights(heads(), heads())  # the lin file passed as the trunk
+    with pytest.raises(UserError, match="classifier.0.weight"):
+        lpips.load_weights(fake_vgg(), heads())  # the whole VGG file: only its features
     wide = {**vgg, "features.28.weight": torch.zeros(512, 512, 1, 1)}
-    with pytest.raises(UserError, match="size mismatch for net.slice5.28.weight"):
+    with pytest.raises(UserError, match="size mismatch for features.28.weight"):
         lpips.load_weights(wide, heads())
 
 
@@ -129,16 +133,8 @@ def test_lpips_download_keeps_only_conv_weights(http_server, monkeypatch):
     lin_bytes = common.save_checkpoint(lin, http_server.directory / "vgg.pth").read_bytes()
     monkeypatch.setattr(train_vq, "VGG16_URL", f"{http_server.url}/{vgg_name}")
     monkeypatch.setattr(train_vq, "VGG16_SHA256", sha[:8])
-    monkeypatch.setattr(
-        train_vq,
-        "LIN_WEIGHTS",
-        dict(
-            url=f"{http_server.url}/vgg.pth",
-            filename="lpips_vgg_v0.1.pth",
-            sha256=hashlib.sha256(lin_bytes).hexdigest(),
-            size=len(lin_bytes),
-        ),
-    )
+    monkeypatch.setattr(train_vq, "LIN_URL", f"{http_server.url}/vgg.pth")
+    monkeypatch.setattr(train_vq, "LIN_SHA256", hashlib.sha256(lin_bytes).hexdigest())
     lpips = LPIPS()
     cache = common.cache_dir()
     assert sorted(p.name for p in cache.iterdir()) == [
@@ -147,7 +143,7 @@ def test_lpips_download_keeps_only_conv_weights(http_server, monkeypatch):
     ]  # the full VGG file is gone
     kept = common.load_checkpoint(cache / train_vq.VGG16_FEATURES_FILE)
     assert set(kept) == {k for k in vgg if k.startswith("features.")} and len(kept) == 26
-    assert torch.equal(lpips.net.slice2.get_submodule("5").weight, vgg["features.5.weight"])
+    assert torch.equal(lpips.features[5].weight, vgg["features.5.weight"])
     assert torch.equal(lpips.lin4.model[1].weight, lin["lin4.model.1.weight"])
     n = len(http_server.requests)
     LPIPS()  # cached: no new request
@@ -205,10 +201,15 @@ def test_adaptive_weight_ratio_and_clamp():
 # ----------------------------------------------------------------------------- training runs
 
 
-def test_few_step_run_writes_checkpoint_log_grid(toy_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        train_vq, "LPIPS", partial(LPIPS, pretrained=False)
-    )  # perceptual term on, no download
+@pytest.fixture
+def fake_lpips_files(tmp_path, monkeypatch):
+    """LPIPS weights of random numbers (positive heads) where the download would put them."""
+    vgg = common.save_checkpoint(fake_vgg(classifier=False), tmp_path / "vgg.pt")
+    lin = common.save_checkpoint(heads(), tmp_path / "lin.pt")
+    monkeypatch.setattr(train_vq, "fetch_lpips_weights", lambda: [vgg, lin])
+
+
+def test_few_step_run_writes_checkpoint_log_grid(toy_folder, tmp_path, fake_lpips_files, capsys):
     run_dir = main(
         run_args(
             toy_folder,
@@ -225,6 +226,9 @@ def test_few_step_run_writes_checkpoint_log_grid(toy_folder, tmp_path, monkeypat
             "2",
         )
     )
+    # the start-up line names the run folder and where it runs, before the first step
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert str(run_dir) in first_line and "process(es)" in first_line and "thread" in first_line
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "0000002.pt",
         "0000003.pt",
@@ -260,25 +264,24 @@ def flat(obj, prefix=""):
     return {prefix: obj} if isinstance(obj, (torch.Tensor, int, float)) else {}
 
 
-def test_resume_matches_uninterrupted_run(toy_folder, tmp_path):
-    common = ("--disc-start", "1", "--ema", "--perceptual-weight", "0", "--sample-every", "0")
-    straight = main(run_args(toy_folder, tmp_path / "a", "--max-steps", "4", *common))
-    first = main(run_args(toy_folder, tmp_path / "b", "--max-steps", "2", *common))
-    resumed = main(
-        run_args(
-            toy_folder,
-            tmp_path / "b",
-            "--max-steps",
-            "4",
-            *common,
-            "--resume",
-            str(first / "checkpoints" / "last.pt"),
-        )
-    )
+def test_bare_resume_matches_uninterrupted_run(toy_folder, tmp_path, capsys):
+    # non-default flags that a bare --resume must take from the checkpoint
+    flags = ("--disc-start", "1", "--ema", "--perceptual-weight", "0", "--sample-every", "0")
+    flags += ("--lr", "3e-4", "--global-seed", "5", "--no-flip", "--ckpt-every", "2")
+    straight = main(run_args(toy_folder, tmp_path / "a", "--max-steps", "4", *flags))
+    first = main(run_args(toy_folder, tmp_path / "b", "--max-steps", "3", *flags))
+    capsys.readouterr()
+    # killed after step 3, resumed from step 2: only the step budget given again
+    resume = ["--resume", str(first / "checkpoints" / "0000002.pt"), "--max-steps", "4"]
+    resumed = main(parse_args(["--data-path", str(toy_folder), *resume]))
     assert resumed == first  # continues in the same run directory
+    assert "max_steps 3 -> 4" in capsys.readouterr().out  # the start-up line says what changed
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
-    assert b["step"] == a["step"] == 4
+    assert b["step"] == a["step"] == 4 and b["ema"] is not None  # the EMA survives
+    assert {k: v for k, v in b["args"].items() if k not in ("resume", "results_dir")} == {
+        k: v for k, v in a["args"].items() if k not in ("resume", "results_dir")
+    }  # the saved run's flags: preset, lr, seed, EMA, no flip, workers
     for key in ("model", "ema", "discriminator", "optimizer", "optimizer_disc", "rng"):
         fa, fb = flat(a[key]), flat(b[key])
         assert fa.keys() == fb.keys() and len(fa) > 0
@@ -290,7 +293,80 @@ def test_resume_matches_uninterrupted_run(toy_folder, tmp_path):
     losses = lambda log: [
         (r["step"], r["gen_loss"], r["disc_loss"], r["codebook_usage"]) for r in log
     ]
+    # each step once in the log: the killed run's step 3 was dropped, then logged again
     assert losses(read_log(resumed)) == losses(read_log(straight))
+
+
+def test_two_processes_resume_exactly(toy_folder, tmp_path):
+    """torchrun --nproc_per_node=2 (DDP, gloo on the CPU): a bare resume of a killed run ends
+    where the uninterrupted one does, bit for bit."""
+
+    def torchrun(*flags):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+        cmd += ["train_vq.py", "--data-path", str(toy_folder), "--num-workers", "0", *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    flags = ("--model", "tiny", "--image-size", "32", "--global-batch-size", "4", "--ema")
+    flags += ("--perceptual-weight", "0", "--disc-start", "1", "--sample-every", "0")
+    torchrun(*flags, "--max-steps", "3", "--results-dir", str(tmp_path / "a"))
+    torchrun(*flags, "--max-steps", "2", "--results-dir", str(tmp_path / "b"))
+    torchrun("--resume", str(tmp_path / "b/000-VQ-tiny/checkpoints/last.pt"), "--max-steps", "3")
+    a, b = (common.load_checkpoint(tmp_path / f"{r}/000-VQ-tiny/checkpoints/last.pt") for r in "ab")
+    assert b["step"] == 3 and len(b["rng"]) == 2  # every rank's RNG
+    for key in ("model", "ema", "discriminator"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def run_cli(argv, capsys):
+    """train_vq.py as from the shell -> (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        common.cli(main, lambda: parse_args(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_resume_refuses_changed_flags_and_other_checkpoints(toy_folder, tmp_path, capsys):
+    run = main(run_args(toy_folder, tmp_path, "--max-steps", "1", "--perceptual-weight", "0"))
+    ckpt = str(run / "checkpoints" / "last.pt")
+    capsys.readouterr()  # the run's progress bar
+    for extra, words in (
+        (["--global-batch-size", "8"], "--global-batch-size 8 differs"),
+        (["--lr", "1e-3"], "--lr 0.001 differs"),
+        (["--finetune", ckpt], "--finetune"),
+    ):
+        code, err = run_cli(["--data-path", str(toy_folder), "--resume", ckpt, *extra], capsys)
+        assert code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1
+    vq_only = common.save_checkpoint({"model": torch.load(ckpt)["model"]}, tmp_path / "vq.pt")
+    code, err = run_cli(["--data-path", str(toy_folder), "--resume", str(vq_only)], capsys)
+    assert code == 2 and "not a train_vq.py checkpoint" in err and err.count("\n") == 1
+    assert [r["step"] for r in read_log(run)] == [1]  # nothing run, nothing lost
+
+
+def test_no_flip_crops_without_mirroring(toy_folder, tmp_path, monkeypatch):
+    flipped = data.ImageFolder(toy_folder, 16, "random", seed=3)
+    crops = data.ImageFolder(toy_folder, 16, "crop", seed=3)
+    mirrored = 0
+    for key in [(epoch, i) for epoch in range(2) for i in range(len(crops))]:
+        a, b = crops[key][0], flipped[key][0]  # the same crop; "random" mirrors half of them
+        mirrored += not torch.equal(a, b)
+        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
+    assert 0 < mirrored < 2 * len(crops)
+    seen = []
+    monkeypatch.setattr(data, "ImageFolder", lambda *a: seen.append(a[2]) or flipped)
+    args = ("--max-steps", "1", "--perceptual-weight", "0")
+    run = main(run_args(toy_folder, tmp_path / "a", *args, "--no-flip"))
+    main(run_args(toy_folder, tmp_path / "b", *args))
+    assert seen == ["crop", "random"]
+    assert common.load_checkpoint(run / "checkpoints" / "last.pt")["args"]["no_flip"] is True
+
+
+def test_help_shows_defaults_and_workers_follow_the_machine(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 256)" in out and "(default: VQ-16)" in out and "(default: hinge)" in out
+    assert parse_args(["--data-path", "x"]).num_workers == common.NUM_WORKERS
 
 
 def test_bad_images_are_dropped_and_counted(toy_folder, tmp_path):
