@@ -11,7 +11,9 @@ pytorch-fid + torchvision installed (a throwaway venv, not a project dependency)
 
 import dataclasses
 import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,7 @@ if __name__ == "__main__" and "--make-reference" in sys.argv:
 
 import pytest  # noqa: E402
 
+import common  # noqa: E402
 import data  # noqa: E402
 import fid  # noqa: E402
 
@@ -267,11 +270,11 @@ def test_expected_key_layout_loads_strictly(tmp_path):
     ]
     for broken in bad:
         torch.save(broken, path)
-        with (
-            pytest.raises(data.UserError, match="not the FID Inception weights"),
-            pytest.warns(UserWarning),
-        ):
-            fid.load_inception(path)
+        # refused before the sha256 check: no warning about a file that is not the weights at all
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(common.UserError, match="not the FID Inception weights"):
+                fid.load_inception(path)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -321,8 +324,6 @@ def test_preprocess_normalisation():
     )  # resize is the identity at 299
     torch.testing.assert_close(fid.preprocess(x, "pytorch-fid"), 2 * (x.float() / 255) - 1)
     assert fid.preprocess(torch.zeros(2, 3, 32, 40, dtype=torch.uint8)).shape == (2, 3, 299, 299)
-    with pytest.raises(ValueError):
-        fid.preprocess(x, "clean")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -343,7 +344,7 @@ def test_frechet_identical_and_diagonal():
     mu1, mu2 = rng.standard_normal(20), rng.standard_normal(20)
     want = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum() + ((mu1 - mu2) ** 2).sum()
     assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-10)
-    with pytest.raises(data.UserError):
+    with pytest.raises(common.UserError):
         fid.frechet_distance(mu, sigma * np.nan, mu, sigma)
 
 
@@ -404,20 +405,101 @@ def test_download_from_local_server(http_server, weights_file, monkeypatch):
     monkeypatch.setattr(fid, "WEIGHTS_URL", f"{http_server.url}/{name}")
     with pytest.warns(UserWarning, match="sha256"):
         model = fid.load_inception()
-    assert (data.cache_dir() / name).is_file() and http_server.requests
+    assert (common.cache_dir() / name).is_file() and http_server.requests
     assert torch.equal(model.fc.weight, torch.load(weights_file, weights_only=True)["fc.weight"])
 
 
 def test_offline_error_names_url():
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(common.UserError) as e:
         fid.load_inception()
-    assert fid.WEIGHTS_URL in str(e.value) and "--inception-weights" in str(e.value)
+    # the download's own message: where to put the file by hand
+    assert fid.WEIGHTS_URL in str(e.value) and str(common.cache_dir()) in str(e.value)
 
 
 def test_missing_input_fails_before_any_download(tmp_path):
-    with pytest.raises(data.UserError, match="nope.npz not found"):
+    with pytest.raises(common.UserError, match="nope.npz is not an existing"):
         fid.main(fid.parse_args([str(tmp_path), str(tmp_path / "nope.npz")]))
-    assert not any(data.cache_dir().glob("*"))  # the Inception weights were not even tried
+    assert not any(common.cache_dir().glob("*"))  # the Inception weights were not even tried
+
+
+def _cli_error(argv, capsys):
+    """Run fid.py's command line in-process: exit code 2 and one line `error: ...` on stderr."""
+    with pytest.raises(SystemExit) as e:
+        common.cli(fid.main, lambda: fid.parse_args(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if fid.py gets as far as loading the network (a download, then the work)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command line was not checked before the work")
+
+    monkeypatch.setattr(fid, "load_inception", refuse)
+
+
+def test_command_line_mistakes_are_one_line_before_any_work(tmp_path, capsys, no_work):
+    """Issue 13: an unknown input kind, a wrong number of paths, --rfid without a tokenizer and
+    an unusable --save-stats path each stop with one line, before the weights or any features."""
+    images = tmp_path / "A.npz"
+    np.savez(images, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    np.save(tmp_path / "B.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    err = _cli_error([str(images), str(tmp_path / "B.npy")], capsys)
+    assert "B.npy is not an existing image folder or .npz file" in err
+    assert "_cli_error" not in err and ".npz" in err  # names the file and the accepted kinds
+    assert "REFERENCE SAMPLES" in _cli_error([str(images)], capsys)  # one path, nothing to do
+    assert "REFERENCE SAMPLES" in _cli_error([str(images)] * 3, capsys)
+    assert "--vq-ckpt" in _cli_error(["--rfid", str(images)], capsys)
+    (tmp_path / "file").write_text("not a folder")
+    for bad in ["stats.npy", "file/stats.npz", "file/sub/stats.npz", "."]:
+        out = str(tmp_path / bad)
+        err = _cli_error([str(images), "--save-stats", out], capsys)
+        assert f"--save-stats {out}: not a writable .npz" in err
+    assert not (tmp_path / "stats.npy").exists()
+
+
+def test_unwritable_save_stats_folder_fails_before_any_work(tmp_path, capsys, no_work, monkeypatch):
+    """A folder without write permission (simulated: tests may run as root, who may write
+    anywhere): refused up front, not after the feature extraction."""
+    images = tmp_path / "A.npz"
+    np.savez(images, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    real_access = os.access
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and p != str(locked))
+    for out in [locked / "stats.npz", locked / "new" / "folders" / "stats.npz"]:
+        err = _cli_error([str(images), "--save-stats", str(out)], capsys)
+        assert "not a writable .npz file path" in err
+    assert list(locked.iterdir()) == []  # nothing made there
+
+
+def test_wrong_inception_weights_are_one_line(tmp_path, capsys):
+    """--inception-weights given a text file or another checkpoint (before: KeyError: 101)."""
+    images = tmp_path / "A.npz"
+    np.savez(images, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / "text.pt").write_text("hello\n")
+    torch.save({"model": {"w": torch.zeros(2)}, "config": {"codebook_size": 8}}, tmp_path / "vq.pt")
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    for name, why in [
+        ("text.pt", "cannot load"),
+        ("vq.pt", 'not the FID Inception weights file: Unexpected key(s) in state_dict: "model"'),
+        ("list.pt", "not the FID Inception weights file"),
+        ("missing.pt", "not found"),
+    ]:
+        argv = [str(images), str(images), "--inception-weights", str(tmp_path / name)]
+        assert why in _cli_error(argv, capsys), name
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        fid.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 64)" in out and "(default: adm)" in out
+    assert f"(default: {common.NUM_WORKERS})" in out
+    assert fid.parse_args(["x"]).num_workers == common.NUM_WORKERS
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -435,7 +517,7 @@ def test_random_weights_are_seeded_and_labelled(tmp_path, capsys):
     args = [str(folder), str(folder), "--device", "cpu", "--num-workers", "0"]
     with pytest.warns(UserWarning, match="only 4 images"):
         res = fid.main(fid.parse_args(args + ["--inception-weights", "random"]))
-    assert res["mode"] == "adm/random-weights" and abs(res["fid"]) < 1e-3
+    assert abs(res["FID"]) < 1e-3
     assert "FID (adm/random-weights)" in capsys.readouterr().out
 
 
@@ -479,8 +561,8 @@ def test_npz_reference_with_precomputed_stats(net, weights_file, tmp_path, capsy
     )
     with pytest.warns(UserWarning):
         res = fid.main(args)
-    assert abs(res["fid"]) < 1e-3 and abs(res["sfid"]) < 1e-3
-    assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1 and res["inception_score"] >= 1
+    assert abs(res["FID"]) < 1e-3 and abs(res["sFID"]) < 1e-3
+    assert 0 <= res["Precision"] <= 1 and 0 <= res["Recall"] <= 1 and res["Inception Score"] >= 1
     out = capsys.readouterr().out
     assert (
         "reference precomputed statistics | samples 5 images | mode adm" in out
@@ -494,7 +576,7 @@ def test_folders_end_to_end_and_saved_stats(net, weights_file, tmp_path, capsys)
         _write_pngs(tmp_path / "a", 4, 24, seed=0),
         _write_pngs(tmp_path / "b" / "sub", 4, 24, seed=1),
     )
-    common = [
+    flags = [
         "--device",
         "cpu",
         "--batch-size",
@@ -509,11 +591,11 @@ def test_folders_end_to_end_and_saved_stats(net, weights_file, tmp_path, capsys)
     with pytest.warns(UserWarning, match="only 4 images"):
         res = fid.main(
             fid.parse_args(
-                [str(a), str(tmp_path / "b"), "--save-stats", str(tmp_path / "b.npz")] + common
+                [str(a), str(tmp_path / "b"), "--save-stats", str(tmp_path / "b.npz")] + flags
             )
         )
-    assert set(res) == {"mode", "fid", "sfid", "inception_score", "precision", "recall"}
-    assert res["fid"] > 0 and np.isfinite(res["sfid"]) and res["mode"] == "pytorch-fid"
+    assert set(res) == {"FID", "sFID", "Inception Score", "Precision", "Recall"}
+    assert res["FID"] > 0 and np.isfinite(res["sFID"])
     assert "FID (pytorch-fid)" in capsys.readouterr().out
     # the statistics file: ADM keys + pool3 of folder b (recursive), reused as is by load_set
     with torch.no_grad():
@@ -526,19 +608,19 @@ def test_folders_end_to_end_and_saved_stats(net, weights_file, tmp_path, capsys)
             ),
             "pytorch-fid",
         )[0]
-    stats = fid.load_set(str(tmp_path / "b.npz"), None, fid.parse_args(["x"] + common))
+    stats = fid.load_set(str(tmp_path / "b.npz"), None, fid.parse_args(["x"] + flags))
     assert (
         stats["mode"] == "pytorch-fid"
         and stats["n"] == 4
         and stats["sigma_s"].shape == (2023, 2023)
     )
     torch.testing.assert_close(torch.from_numpy(stats["pool3"]), pool3, rtol=1e-4, atol=1e-5)
-    assert res["inception_score"] == pytest.approx(
+    assert res["Inception Score"] == pytest.approx(
         fid.inception_score(pool3 @ net.fc.weight.T), rel=1e-4
     )
     (tmp_path / "empty").mkdir()
-    with pytest.raises(data.UserError, match="no images"), pytest.warns(UserWarning):
-        fid.main(fid.parse_args([str(a), str(tmp_path / "empty")] + common))
+    with pytest.raises(common.UserError, match="no images"), pytest.warns(UserWarning):
+        fid.main(fid.parse_args([str(a), str(tmp_path / "empty")] + flags))
 
 
 def test_rfid_tiny_vq(weights_file, tmp_path, capsys):
@@ -546,7 +628,7 @@ def test_rfid_tiny_vq(weights_file, tmp_path, capsys):
 
     tok = vq.VQModel(vq.VQConfig.from_name("VQ-tiny"))
     ckpt = tmp_path / "vq.pt"
-    data.save_checkpoint(
+    common.save_checkpoint(
         {"model": tok.state_dict(), "config": dataclasses.asdict(tok.config)}, ckpt
     )
     folder = _write_pngs(tmp_path / "val" / "n01", 3, 40, seed=2)
@@ -568,6 +650,7 @@ def test_rfid_tiny_vq(weights_file, tmp_path, capsys):
     )
     with pytest.warns(UserWarning):
         res = fid.main(args)
-    assert res["fid"] > 0 and 0 < res["psnr"] < 60
-    assert 0 < res["codebook_usage"] <= 3 * 2 * 2 / 1024  # 3 images x (16/8)^2 tokens at most
+    assert res["rFID"] > 0 and 0 < res["PSNR (dB)"] < 60
+    # 3 images x (16/8)^2 tokens at most
+    assert 0 < res["Codebook usage"] <= 3 * 2 * 2 / 1024
     assert "rFID (adm)" in capsys.readouterr().out
