@@ -47,6 +47,18 @@ def preset(table: dict, name: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose {', '.join(table)}")
 
 
+def number(cast, low, high=float("inf")):
+    """argparse type: a `cast` number in [low, high], e.g. number(int, 1) for a count; out of range
+    -> "must be in [low, high], got x", and a ValueError -> argparse's "invalid parse value"."""
+
+    def parse(text):
+        if not low <= cast(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return cast(text)
+
+    return parse
+
+
 # ----------------------------------------------------------------------------------------------
 # Downloads: one cache folder; a partial file resumes; verified before it gets its final name
 
@@ -193,6 +205,17 @@ def print0(*args, **kwargs):
     """print() on rank 0 only."""
     if is_main():
         print(*args, **kwargs)
+
+
+def rank0_first(env: Env, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on rank 0, then, after a barrier, on the other ranks -> its result. For
+    a download: rank 0 fetches the file, the others then find it in the cache (instead of every
+    rank writing the same file at once)."""
+    if env.rank == 0:
+        result = fn(*args, **kwargs)
+    if env.distributed:
+        dist.barrier()
+    return result if env.rank == 0 else fn(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -401,3 +424,50 @@ class JsonlLogger:
         if is_main():
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class Run:
+    """The skeleton both trainers share, from their common flags (--global-seed, --num-workers,
+    --max-steps, --epochs, --results-dir, --model, --resume): this rank's endless micro-batches
+    from step `start` on (one TrainSampler and DataLoader for the run; `accumulation`
+    micro-batches make an optimizer step), the step count, the run folder and its log.
+    `for step in run:` walks the steps still to take, start+1 .. total (`step` = the steps done
+    after it) under rank 0's progress bar, `run.bar`. The folder is created here: build the Run
+    after every check that can fail. Run.setup, the first step of a trainer's main, reads the
+    --resume checkpoint and its flags, then starts the processes."""
+
+    @staticmethod
+    def setup(args, parser, may_change, key, script):
+        """-> (Env, the --resume checkpoint or {}, the flags the command line changed): a bare
+        --resume continues the saved run with its flags (resume_args), then setup(). A checkpoint
+        without `key` is refused: `script` did not write it."""
+        ckpt = load_checkpoint(args.resume) if args.resume else {}
+        if ckpt and key not in ckpt:  # released weights, another script's checkpoint
+            raise UserError(
+                f"{args.resume} was not written by {script}; resume one of its checkpoints/*.pt"
+            )
+        changed = ckpt and resume_args(args, parser, ckpt["args"], may_change)
+        return setup(args.mixed_precision), ckpt, changed
+
+    def __init__(self, args, env, dataset, micro_batch, accumulation=1, start=0):
+        sampler = TrainSampler(
+            len(dataset), micro_batch * accumulation, env, args.global_seed, start
+        )
+        self.batches = sampler.batches(dataset, micro_batch, args.num_workers)
+        self.steps_per_epoch, self.start = sampler.steps_per_epoch, start
+        self.total = args.max_steps or args.epochs * sampler.steps_per_epoch  # 0: --epochs
+        self.folder = run_dir(args.results_dir, args.model, args.resume)
+        self.log = JsonlLogger(self.folder / "log.jsonl", start).log  # drops lines after start
+
+    def __iter__(self):
+        from tqdm import tqdm
+
+        steps = range(self.start + 1, self.total + 1)
+        self.bar = tqdm(
+            steps, self.folder.name, self.total, initial=self.start, disable=not is_main()
+        )
+        return iter(self.bar)
+
+    def due(self, step, every):
+        """Every `every` steps and after the last one; never for every = 0."""
+        return every > 0 and (step % every == 0 or step == self.total)

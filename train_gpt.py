@@ -59,6 +59,7 @@ Flags (their defaults follow below, with --help):
   --num-workers         DataLoader worker processes per rank (default: the spare cores)
   --log-every, --ckpt-every, --sample-every
                         cadences in optimizer steps; all three also after the last step
+                        (0: never)
 """
 
 import argparse
@@ -75,7 +76,6 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from tqdm import tqdm
 
 import common
 import data
@@ -117,22 +117,8 @@ ADAM_BETAS = (0.9, 0.95)  # official (train_c2i.py --beta1, --beta2)
 # What a resumed run may change: how long it runs, what it logs, saves and samples, where its files
 # are, and how the same computation is laid out on the machine. The checkpoint's model must still
 # fit the codes (setup checks it).
-MAY_CHANGE = {
-    "code_path",
-    "extra_code_path",
-    "vq_ckpt",
-    "results_dir",
-    "epochs",
-    "max_steps",
-    "log_every",
-    "ckpt_every",
-    "sample_every",
-    "cfg_scale",
-    "num_workers",
-    "compile",
-    "fsdp",
-    "gradient_accumulation_steps",
-}
+MAY_CHANGE = """code_path extra_code_path vq_ckpt results_dir epochs max_steps log_every ckpt_every
+    sample_every cfg_scale num_workers compile fsdp gradient_accumulation_steps""".split()
 # full (gathered) state dicts on rank 0's CPU, which saves them: one checkpoint format with or
 # without FSDP, loaded whole into a sharded or a plain model
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -188,15 +174,12 @@ def setup(args):
     GPTConfig), all checked before any work. A bare --resume CKPT takes every flag from CKPT's
     run (common.resume_args refuses changes outside MAY_CHANGE). The micro-batch is what each
     rank feeds one forward pass: the global batch over processes x accumulation."""
-    ckpt = common.load_checkpoint(args.resume) if args.resume else {}
-    if ckpt and "vq_config" not in ckpt:  # e.g. a VQ or an official checkpoint
-        raise common.UserError(
-            f"{args.resume} was not written by train_gpt.py; resume one of its checkpoints/*.pt"
-        )
-    changed = ckpt and common.resume_args(args, build_parser(), ckpt["args"], MAY_CHANGE)
-    if not args.code_path:
+    # only our checkpoints have "vq_config" (not a VQ's or an official one)
+    env, ckpt, changed = common.Run.setup(
+        args, build_parser(), MAY_CHANGE, "vq_config", "train_gpt.py"
+    )
+    if not args.code_path:  # not required by argparse: a bare --resume takes the saved one
         raise common.UserError("--code-path is required: a folder from `python data.py extract`")
-    env = common.setup(args.mixed_precision)
     micro, rem = divmod(args.global_batch_size, env.world_size * args.gradient_accumulation_steps)
     if rem or not micro:
         raise common.UserError(
@@ -275,9 +258,13 @@ def build_model(args, env, config, ckpt):
     model = torch.nn.parallel.DistributedDataParallel(raw_model) if ddp else raw_model
     # AdamW with weight decay on matrices and embeddings only (dim >= 2; the official has no
     # biases, so the others are norm weights), fused on GPUs
-    groups = [dict(params=[], weight_decay=args.weight_decay), dict(params=[], weight_decay=0.0)]
-    for p in raw_model.parameters():
-        groups[p.dim() < 2]["params"].append(p)
+    groups = [  # [decayed, not decayed], each in the model's parameter order
+        dict(
+            params=[p for p in raw_model.parameters() if (p.dim() >= 2) == decay],
+            weight_decay=args.weight_decay * decay,
+        )
+        for decay in (True, False)
+    ]
     optimizer = torch.optim.AdamW(groups, args.lr, ADAM_BETAS, fused=env.device.type == "cuda")
     scaler = torch.amp.GradScaler(enabled=env.precision == "fp16")  # fp16 only on GPUs
     if ckpt:  # the optimizer state is saved whole (gathered under FSDP)
@@ -320,7 +307,7 @@ def train_step(args, env, parts, batches, lr, sums):
 
 
 @torch.no_grad()
-def sample_and_save(args, env, parts, vq, dataset, run_dir, step, last):
+def sample_and_save(args, env, parts, vq, dataset, run, step):
     """The outputs after a step, in this order so that a resumed run continues from the RNG
     state after both: a PNG grid of eight samples every --sample-every steps (with --vq-ckpt;
     every rank samples, since sharded weights need all, and rank 0 writes), then a checkpoint
@@ -328,7 +315,7 @@ def sample_and_save(args, env, parts, vq, dataset, run_dir, step, last):
     every rank's RNG, all plain types); both after the last step."""
     _, raw_model, ema, optimizer, scaler = parts
     c = raw_model.config
-    if vq and (step % args.sample_every == 0 or last):
+    if vq and run.due(step, args.sample_every):
         if c.model_type == "t2i":  # the first captions of the data
             cond, emb_mask = dataset.captions(8)
         else:  # eight classes spread over the label range (0 0 1 1 2 2 3 3 for four), as
@@ -347,8 +334,10 @@ def sample_and_save(args, env, parts, vq, dataset, run_dir, step, last):
         if args.fsdp:
             raw_model.reshard()
         if env.rank == 0:  # the tokenizer decodes (8, 3, H, W) in fp32
-            data.save_image_grid(vq.decode_code(codes), run_dir / f"samples/{step:07d}.png", nrow=8)
-    if step % args.ckpt_every == 0 or last:
+            data.save_image_grid(
+                vq.decode_code(codes), run.folder / f"samples/{step:07d}.png", nrow=8
+            )
+    if run.due(step, args.ckpt_every):
         tokenizer = dataset.meta["tokenizer"]
         obj = {
             "model": get_model_state_dict(raw_model, options=FULL),
@@ -363,7 +352,7 @@ def sample_and_save(args, env, parts, vq, dataset, run_dir, step, last):
             "step": step,
             "rng": common.gather_rng(env),
         }
-        common.save_checkpoints(obj, run_dir, step, env)
+        common.save_checkpoints(obj, run.folder, step, env)
 
 
 # -----------------------------------------------------------------------------
@@ -375,42 +364,32 @@ def main(args):
     # not move the training RNG
     vq = args.vq_ckpt and data.load_tokenizer(args.vq_ckpt, env.device, config.vocab_size)
     parts = build_model(args, env, config, ckpt)
-    step = ckpt.get("step", 0)
-    run_dir = common.run_dir(args.results_dir, args.model, args.resume)
-    logger = common.JsonlLogger(run_dir / "log.jsonl", step)  # drops lines after `step`
-    # one loader for the whole run, from `step` on, that leaves the global RNG alone; a step
-    # takes micro x accumulation samples from each rank
-    sampler = common.TrainSampler(
-        len(dataset), micro * args.gradient_accumulation_steps, env, args.global_seed, step
-    )
-    batches = sampler.batches(dataset, micro, args.num_workers)
-    total_steps = args.max_steps or args.epochs * sampler.steps_per_epoch
+    # one loader for the whole run, from the checkpoint's step on, that leaves the global RNG
+    # alone; a step takes micro x accumulation samples from each rank. Then the run folder.
+    accum = args.gradient_accumulation_steps
+    run = common.Run(args, env, dataset, micro, accum, ckpt.get("step", 0))
     common.print0(
-        f"{run_dir}: {args.model} {config.model_type}, "
+        f"{run.folder}: {args.model} {config.model_type}, "
         f"{sum(p.numel() for p in parts[1].parameters()):,} parameters, vocab "
         f"{config.vocab_size}, {config.block_size} tokens; {len(dataset)} sequences, "
-        f"{env.world_size} x {micro} x {args.gradient_accumulation_steps} per step, "
-        f"{sampler.steps_per_epoch} steps per epoch, steps {step} -> {total_steps}; {env}",
+        f"{env.world_size} x {micro} x {accum} per step, {run.steps_per_epoch} steps per "
+        f"epoch, steps {run.start} -> {run.total}; {env}",
         *changed,  # the flags a resumed run overrides: "max_steps 300 -> 600"
         sep="; ",
     )
 
-    # the bar (rank 0's) counts optimizer steps 1..total_steps; `step`: the ones done so far
-    bar = tqdm(
-        range(step + 1, total_steps + 1), "train", total_steps, initial=step, disable=env.rank
-    )
     # [loss, skipped records, steps] since the last log line, summed by train_step
     sums = torch.zeros(3, device=env.device)
-    for step in bar:
-        lr = get_lr(args, step - 1, total_steps)
-        grad_norm = train_step(args, env, parts, batches, lr, sums)
-        due = step % args.log_every == 0 or step == total_steps
+    for step in run:  # 1..total under rank 0's bar; `step`: the ones done after this one
+        lr = get_lr(args, step - 1, run.total)
+        grad_norm = train_step(args, env, parts, run.batches, lr, sums)
+        due = run.due(step, args.log_every)
         if due or step == 1:  # averaged over the steps since the last line and over the ranks
             if env.distributed:
                 dist.all_reduce(sums)
             loss, skipped, steps = sums.tolist()  # steps x processes
-            bar.set_postfix(loss=loss / steps)
-            logger.log(
+            run.bar.set_postfix(loss=loss / steps)
+            run.log(
                 {
                     "step": step,
                     "loss": loss / steps,
@@ -424,10 +403,10 @@ def main(args):
             # step 250 still averages steps 1..250 (the README's numbers): sums keeps each rank's
             # share of the totals (all of them in one process)
             sums[:] = 0 if due else sums / env.world_size
-        sample_and_save(args, env, parts, vq, dataset, run_dir, step, step == total_steps)
+        sample_and_save(args, env, parts, vq, dataset, run, step)
     if env.distributed:
         dist.destroy_process_group()
-    return run_dir
+    return run.folder
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import common
 import data
@@ -96,9 +95,8 @@ class LPIPS(nn.Module):
 
     def __init__(self, pretrained=True):
         super().__init__()
-        # shift and scale, (2, 1, 3, 1, 1): constants, not in the state dict
-        scaling = torch.tensor(LPIPS_SCALING).view(2, 1, 3, 1, 1)
-        self.register_buffer("scaling", scaling, persistent=False)
+        # shift and scale (2, 3): constants, not in the state dict
+        self.register_buffer("scaling", torch.tensor(LPIPS_SCALING), persistent=False)
         layers, c = [], 3
         for k, (width, n_convs) in enumerate(zip(LPIPS_CHANNELS, VGG16_CONVS)):
             layers += [nn.MaxPool2d(2, 2)] * (k > 0)
@@ -125,7 +123,7 @@ class LPIPS(nn.Module):
             ) from None
 
     def forward(self, x, y):  # (B, 3, H, W) each -> (B,)
-        shift, scale = self.scaling
+        shift, scale = self.scaling[..., None, None]  # (3, 1, 1) each
         h = (torch.cat([x, y]) - shift) / scale  # (2B, 3, H, W): one trunk pass for both
         distance = 0.0
         for k, end in enumerate(LPIPS_SLICES[1:]):
@@ -146,16 +144,23 @@ class PatchGANDiscriminator(nn.Sequential):
     that the keys are the official main.{i}.*"""
 
     def __init__(self):
-        layers, c = [nn.Conv2d(3, 64, 4, 2, 1), nn.LeakyReLU(0.2, True)], 64
-        for out, stride in (128, 2), (256, 2), (512, 1):  # x2 channels a layer, the last stride 1
-            conv = nn.Conv2d(c, out, 4, stride, 1, bias=False)  # BatchNorm brings the bias
-            layers += [conv, nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
+        layers, c = [], 3
+        for out, stride in (64, 2), (128, 2), (256, 2), (512, 1):  # x2 channels, last stride 1
+            # conv 4x4, BatchNorm, LeakyReLU(0.2); the first layer has no BatchNorm, so its conv
+            # keeps a bias (elsewhere BatchNorm brings it). BatchNorm's init draws no random
+            # numbers, so building it before the conv leaves the official init as it is.
+            norm = [nn.BatchNorm2d(out)] if layers else []
+            layers += [
+                nn.Conv2d(c, out, 4, stride, 1, bias=not layers),
+                *norm,
+                nn.LeakyReLU(0.2, True),
+            ]
             c = out
         main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
         # official init: conv weights N(0, 0.02), BatchNorm scales N(1, 0.02); the biases keep
         # PyTorch's init (BatchNorm's is 0, what the official sets it to)
         for m in main:
-            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+            if hasattr(m, "weight"):  # not the LeakyReLUs
                 nn.init.normal_(m.weight, float(isinstance(m, nn.BatchNorm2d)), 0.02)
         super().__init__(OrderedDict(main=main))
 
@@ -163,7 +168,8 @@ class PatchGANDiscriminator(nn.Sequential):
 # discriminator losses of (D(x), D(x_hat)) logits; generator losses of D(x_hat)
 DISC_LOSSES = {
     "hinge": lambda real, fake: 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()),
-    "vanilla": lambda real, fake: 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean()),
+    # half the non-saturating loss below: 0.5 * (softplus(-real) + softplus(fake))
+    "vanilla": lambda real, fake: 0.5 * DISC_LOSSES["non-saturating"](real, fake),
     # textbook BCE(D(x), 1) + BCE(D(x_hat), 0), i.e. softplus(-real) + softplus(fake); the official
     # passes the constant as the logits and D's output as the target (arguments swapped), which is
     # not a GAN loss: not copied
@@ -203,51 +209,41 @@ def backward_and_step(loss, opt, scaler, max_grad_norm):
 # Every flag and its default (its type is the default's; False makes a switch; a table offers its
 # keys, the first by default), the numbers of the official vq_train.py. 0 for --max-steps,
 # --codebook-size, --codebook-embed-dim: --epochs' and the preset's instead.
-FLAGS = dict(
-    image_size=256,  # pixels per side: a multiple of the VQ's downsampling factor
-    global_batch_size=128,  # images per optimizer step, all processes together
-    epochs=40,
-    max_steps=0,
-    codebook_size=0,
-    codebook_embed_dim=0,
-    lr=1e-4,  # Adam's, for the VQ and the discriminator alike
-    max_grad_norm=1.0,  # 0 = no clipping
-    commit_loss_beta=0.25,  # beta of the commitment loss (Sec. 2.1)
-    entropy_loss_ratio=0.0,
-    reconstruction_weight=1.0,
-    perceptual_weight=1.0,  # LPIPS; 0 = no LPIPS and no download
-    disc_start=20000,  # the first step with the GAN losses
-    disc_weight=0.5,  # 0 = no discriminator at all
-    disc_adaptive_weight=False,  # VQGAN's adaptive GAN weight (the official leaves it off)
-    ema=False,  # keep an EMA of the weights (decay 0.9999)
-    no_flip=False,  # random crops, never mirrored: for data where left and right matter (text)
-    log_every=100,
-    ckpt_every=5000,
-    sample_every=1000,  # a PNG of inputs above their reconstructions; 0 = never
-    global_seed=0,
-    num_workers=common.NUM_WORKERS,  # DataLoader processes per rank
-    skip_bad_images=False,  # drop unreadable images (counted in the log) instead of stopping
-    compile=False,  # torch.compile the VQ
-    results_dir="results",
-    reconstruction_loss=RECONSTRUCTION_LOSSES,
-    disc_loss=DISC_LOSSES,
-    gen_loss=GEN_LOSSES,
-)
+FLAGS = {
+    "--image-size": 256,  # pixels per side: a multiple of the VQ's downsampling factor
+    "--global-batch-size": 128,  # images per optimizer step, all processes together
+    "--epochs": 40,
+    "--max-steps": 0,
+    "--codebook-size": 0,
+    "--codebook-embed-dim": 0,
+    "--lr": 1e-4,  # Adam's, for the VQ and the discriminator alike
+    "--max-grad-norm": 1.0,  # 0 = no clipping
+    "--commit-loss-beta": 0.25,  # beta of the commitment loss (Sec. 2.1)
+    "--entropy-loss-ratio": 0.0,
+    "--reconstruction-weight": 1.0,
+    "--perceptual-weight": 1.0,  # LPIPS; 0 = no LPIPS and no download
+    "--disc-start": 20000,  # the first step with the GAN losses
+    "--disc-weight": 0.5,  # 0 = no discriminator at all
+    "--disc-adaptive-weight": False,  # VQGAN's adaptive GAN weight (the official leaves it off)
+    "--ema": False,  # keep an EMA of the weights (decay 0.9999)
+    "--no-flip": False,  # random crops, never mirrored: for data where left and right matter (text)
+    "--log-every": 100,
+    "--ckpt-every": 5000,
+    "--sample-every": 1000,  # a PNG of inputs above their reconstructions; 0 = never
+    "--global-seed": 0,
+    "--num-workers": common.NUM_WORKERS,  # DataLoader processes per rank
+    "--skip-bad-images": False,  # drop unreadable images (counted in the log) instead of stopping
+    "--compile": False,  # torch.compile the VQ
+    "--results-dir": "results",
+    "--reconstruction-loss": RECONSTRUCTION_LOSSES,
+    "--disc-loss": DISC_LOSSES,
+    "--gen-loss": GEN_LOSSES,
+}
 # What a resumed run may change. A bare --resume continues the saved run with its own flags
 # (common.resume_args); these set only its length, cadence and machinery (and --ema may start an
 # EMA from the loaded weights). Another flag changed, e.g. --global-batch-size, stops the run.
-RESUMABLE = {
-    "max_steps",
-    "epochs",
-    "log_every",
-    "ckpt_every",
-    "sample_every",
-    "results_dir",
-    "num_workers",
-    "compile",
-    "skip_bad_images",
-    "ema",
-}
+RESUMABLE = """max_steps epochs log_every ckpt_every sample_every results_dir num_workers compile
+    skip_bad_images ema""".split()
 
 
 def build_parser():
@@ -263,8 +259,7 @@ def build_parser():
         default="VQ-16",
         help="a VQ_CONFIGS key",
     )
-    for name, default in FLAGS.items():
-        flag = "--" + name.replace("_", "-")
+    for flag, default in FLAGS.items():
         if default is False:
             p.add_argument(flag, action="store_true")
         elif isinstance(default, dict):  # a table of losses: its keys, the first by default
@@ -317,15 +312,11 @@ class Trainer:
         self.model = vq = vq.train().to(env.device)
         if args.image_size % vq.config.downsample:
             raise UserError(f"--image-size must be a multiple of {vq.config.downsample}")
-        # LPIPS before anything is written: a failed download stops the run. Rank 0 downloads,
-        # the others then read its cache.
-        if args.perceptual_weight > 0 and not env.rank:
-            fetch_lpips_weights()
-        if env.distributed:
-            dist.barrier()
-        self.lpips = LPIPS().to(env.device) if args.perceptual_weight > 0 else None
+        # LPIPS (or False) before anything is written: a failed download stops the run. Rank 0
+        # downloads, the others then read its cache.
+        self.lpips = args.perceptual_weight > 0 and common.rank0_first(env, LPIPS).to(env.device)
         self.discriminator = disc = PatchGANDiscriminator().to(env.device)
-        self.ema = copy.deepcopy(vq).requires_grad_(False) if args.ema else None
+        self.ema = copy.deepcopy(vq) if args.ema else None  # never in a backward pass
         self.optimizer, self.optimizer_disc = (
             # official: plain Adam (its --weight-decay is unused), the same for both nets
             torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.95))
@@ -343,24 +334,25 @@ class Trainer:
                 part.load_state_dict(source[key])
         if ckpt:
             common.restore_rng(ckpt["rng"], env)
-        self.vq, self.disc = torch.compile(vq) if args.compile else vq, disc
-        if env.distributed:  # the discriminator's BatchNorm stays plain, unsynced, as official
-            self.vq, self.disc = DDP(self.vq), DDP(disc)  # each on its one device already
+        # DDP under torchrun, each net on its one device already; the discriminator's BatchNorm
+        # stays plain, unsynced, as official
+        wrap = DDP if env.distributed else lambda net: net
+        self.vq, self.disc = wrap(torch.compile(vq) if args.compile else vq), wrap(disc)
 
     def train_step(self, images, labels, step):
         """One generator step, then one discriminator step from --disc-start on (Sec. 2.2).
 
         images (B, 3, S, S) in [-1, 1] -> (the readable ones, their reconstructions, codebook
         usage, LOG_TERMS (12,))."""
-        args, ctx = self.args, self.env.ctx
+        args = self.args
         x = images[labels >= 0].to(self.env.device, non_blocking=True)  # unreadable rows dropped
-        if len(x) == 0:
+        if not len(x):
             raise UserError(f"every image of a batch was unreadable; check {args.data_path}")
         # step counts from 1 as the official global step; weight 0 = no GAN at all (the official
         # scales its discriminator loss by it)
         disc_on = args.disc_weight > 0 and step >= args.disc_start
         zero = x.new_zeros(())
-        with ctx:  # generator: reconstruction + perceptual + adversarial + codebook terms
+        with self.env.ctx:  # generator: reconstruction + perceptual + adversarial + codebook terms
             recon, (vq_loss, commit_loss, entropy_loss, usage) = self.vq(x)
             rec = RECONSTRUCTION_LOSSES[args.reconstruction_loss](recon, x)
             perceptual = self.lpips(x, recon).mean() if self.lpips else zero
@@ -377,7 +369,7 @@ class Trainer:
 
         disc_loss = real = fake = zero  # the discriminator, on the detached reconstructions
         if disc_on:
-            with ctx:  # two passes (BatchNorm statistics), as official
+            with self.env.ctx:  # two passes (BatchNorm statistics), as official
                 real, fake = self.disc(x), self.disc(recon.detach())
                 disc_loss = args.disc_weight * DISC_LOSSES[args.disc_loss](real, fake)
             backward_and_step(disc_loss, self.optimizer_disc, self.scaler_disc, args.max_grad_norm)
@@ -387,60 +379,54 @@ class Trainer:
 
 
 def main(args):
-    ckpt = args.resume and common.load_checkpoint(args.resume)
-    if ckpt and "discriminator" not in ckpt:  # released weights, a GPT: not a run to continue
-        raise UserError(f"{args.resume}: not a train_vq.py checkpoint (weights: --finetune)")
-    changed = common.resume_args(args, build_parser(), ckpt["args"], RESUMABLE) if ckpt else []
-    env = common.setup(args.mixed_precision)
+    # a bare --resume continues the saved run with its flags; released weights: --finetune
+    script = "train_vq.py (weights: --finetune)"
+    env, ckpt, changed = common.Run.setup(args, build_parser(), RESUMABLE, "discriminator", script)
     if args.global_batch_size % env.world_size:
         raise UserError(f"--global-batch-size must be divisible by {env.world_size} processes")
     torch.manual_seed(args.global_seed * env.world_size + env.rank)
     trainer = Trainer(args, env, ckpt)
 
-    # data: the ADM random crop (+ flip) seeded by (seed, epoch, index), one DataLoader for the run
-    augment, seed = "crop" if args.no_flip else "random", args.global_seed
-    dataset = data.ImageFolder(args.data_path, args.image_size, augment, args.skip_bad_images, seed)
-    rank_batch, first = args.global_batch_size // env.world_size, ckpt["step"] if ckpt else 0
-    sampler = common.TrainSampler(len(dataset), rank_batch, env, seed, first)
-    batches = sampler.batches(dataset, rank_batch, args.num_workers)
-    total = args.max_steps or args.epochs * sampler.steps_per_epoch
-
-    folder = common.run_dir(args.results_dir, args.model, args.resume)
-    logger = common.JsonlLogger(folder / "log.jsonl", resume_step=first)  # drops lines > first
+    # data: the ADM random crop (+ flip) seeded by (seed, epoch, index), one DataLoader for the
+    # run from the checkpoint's step on; then the run folder
+    augment = "crop" if args.no_flip else "random"
+    dataset = data.ImageFolder(
+        args.data_path, args.image_size, augment, args.skip_bad_images, args.global_seed
+    )
+    rank_batch = args.global_batch_size // env.world_size  # no accumulation: one micro-batch
+    run = common.Run(args, env, dataset, rank_batch, start=ckpt.get("step", 0))
     common.print0(
-        f"{args.model}, {len(dataset)} images, {env}; steps {first} -> {total}; {folder}",
+        f"{args.model}, {len(dataset)} images, {env}; steps {run.start} -> {run.total}; "
+        f"{run.folder}",
         *changed,  # the flags a resumed run overrides, "max_steps 300 -> 600"
         sep="; ",
     )
-    due = lambda every: every and (step % every == 0 or step == total)  # 0 = never
-    # the bar counts optimizer steps first+1..total; `step` is the number done after each one
-    bar = tqdm(range(first + 1, total + 1), "train_vq", total, initial=first, disable=env.rank)
-    sums, since, t0 = 0, first, time.time()  # LOG_TERMS summed since the last log line
-    for step in bar:
-        x, recon, usage, terms = trainer.train_step(*next(batches), step)
+    sums, since, t0 = 0, run.start, time.time()  # LOG_TERMS summed since the last log line
+    for step in run:  # under rank 0's bar; `step`: the optimizer steps done after this one
+        x, recon, usage, terms = trainer.train_step(*next(run.batches), step)
         sums = sums + terms
-        if due(args.log_every):  # LOG_TERMS averaged over steps and ranks (bad_images summed):
-            if env.distributed:  # the one all-reduce, so that a step costs no communication (DiT)
+        if run.due(step, args.log_every):  # LOG_TERMS averaged over steps and ranks (bad_images
+            if env.distributed:  # summed): the one all-reduce, so a step costs no communication
                 dist.all_reduce(sums)
             values = (sums / ((step - since) * env.world_size)).tolist()
             means = dict(zip(LOG_TERMS, values), bad_images=int(sums[-1]), codebook_usage=usage)
-            epoch = (step - 1) // sampler.steps_per_epoch
+            epoch = (step - 1) // run.steps_per_epoch  # of the step's samples
             # elapsed_s: since the start of this process; the throughput between two lines
-            logger.log(dict(step=step, epoch=epoch, **means, elapsed_s=time.time() - t0))
-            bar.set_postfix_str(f"rec {means['rec_loss']:.4f}, usage {usage:.3f}")
+            run.log(dict(step=step, epoch=epoch, **means, elapsed_s=time.time() - t0))
+            run.bar.set_postfix_str(f"rec {means['rec_loss']:.4f}, usage {usage:.3f}")
             sums, since = 0, step
-        if due(args.sample_every) and not env.rank:
+        if run.due(step, args.sample_every) and not env.rank:
             grid = torch.cat([x[:8], recon[:8]])  # (2k, 3, S, S), k <= 8: inputs above outputs
-            data.save_image_grid(grid, folder / "samples" / f"{step:07d}.png", nrow=len(x[:8]))
-        if due(args.ckpt_every):  # all a resumed run needs to go on bit for bit
+            data.save_image_grid(grid, run.folder / "samples" / f"{step:07d}.png", nrow=len(x[:8]))
+        if run.due(step, args.ckpt_every):  # all a resumed run needs to go on bit for bit
             state = {k: getattr(trainer, k) and getattr(trainer, k).state_dict() for k in PARTS}
             state |= dict(step=step, config=asdict(trainer.model.config), args=vars(args))
             state["rng"] = common.gather_rng(env)  # every rank's: each goes on with its own stream
-            common.save_checkpoints(state, folder, step, env)  # {step}.pt and last.pt
-    common.print0(f"done: {total} steps, checkpoints in {folder / 'checkpoints'}")
+            common.save_checkpoints(state, run.folder, step, env)  # {step}.pt and last.pt
+    common.print0(f"done: {run.total} steps, checkpoints in {run.folder / 'checkpoints'}")
     if env.distributed:
         dist.destroy_process_group()
-    return folder
+    return run.folder
 
 
 if __name__ == "__main__":

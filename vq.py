@@ -163,11 +163,44 @@ def middle(ch, dropout):
 
 
 class Coder(nn.Module):
-    """The forward pass the encoder and decoder share: their modules run in the order they were
-    built, which is the official order: conv_in, the two block lists (the encoder's levels then
-    mid, the decoder's mid then levels), then norm_out, swish and conv_out."""
+    """The encoder or the decoder: mirror images built by one constructor and run by one forward.
+
+    Encoder (B, 3, H, W) -> (B, z_channels, H/ds, W/ds): conv_in, the levels from the highest
+    resolution down (each but the last halves it: `downsample`), mid, norm_out, swish, conv_out.
+    Decoder (B, z_channels, h, w) -> (B, 3, h*ds, w*ds): conv_in, mid, the levels from the lowest
+    resolution up (each but the last doubles it: `upsample`; conv_blocks.0 is the LOWEST), one
+    more ResnetBlock per level, norm_out, swish, conv_out (no tanh after it: nominally [-1, 1]).
+    Attention only at the lowest resolution. The modules are created in the official order, which
+    fixes both the state-dict key order and the random init, and forward runs them in that order.
+    """
+
+    is_decoder = False
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        up = self.is_decoder
+        mult = cfg.decoder_ch_mult if up else cfg.encoder_ch_mult
+        n = len(mult)  # levels; level i has cfg.ch * mult[i] channels
+        c = cfg.ch * mult[-1] if up else cfg.ch  # the decoder starts at the lowest level's width
+        self.conv_in = nn.Conv2d(cfg.z_channels if up else 3, c, 3, padding=1)
+        if up:
+            self.mid = middle(c, cfg.dropout_p)
+        self.conv_blocks = nn.ModuleList()
+        for k in range(n):
+            i = n - 1 - k if up else k  # the level's index in mult (0 = highest resolution)
+            level = Level(c, cfg.ch * mult[i], cfg.num_res_blocks + up, i == n - 1, cfg.dropout_p)
+            c = cfg.ch * mult[i]
+            if k < n - 1:  # official names: encoder.conv_blocks.i.downsample, decoder's upsample
+                setattr(level, "upsample" if up else "downsample", Resample(c, down=not up))
+            self.conv_blocks.append(level)
+        if not up:
+            self.mid = middle(c, cfg.dropout_p)
+        self.norm_out = Normalize(c)
+        # the decoder's conv_out weight is the "last layer" of the adaptive GAN weight (train_vq.py)
+        self.conv_out = nn.Conv2d(c, 3 if up else cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
+        # the block lists are the encoder's levels then mid, the decoder's mid then levels
         conv_in, *block_lists, norm_out, conv_out = self.children()
         h = conv_in(x)
         for blocks in block_lists:
@@ -177,46 +210,13 @@ class Coder(nn.Module):
 
 
 class Encoder(Coder):
-    """(B, 3, H, W) -> (B, z_channels, H/ds, W/ds); attention only at the lowest resolution."""
-
-    def __init__(self, cfg: VQConfig):
-        super().__init__()
-        ch, mult = cfg.ch, cfg.encoder_ch_mult
-        n = len(mult)
-        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
-        self.conv_blocks, c = nn.ModuleList(), ch
-        for i in range(n):  # highest resolution first
-            level = Level(c, ch * mult[i], cfg.num_res_blocks, i == n - 1, cfg.dropout_p)
-            c = ch * mult[i]
-            if i != n - 1:
-                level.downsample = Resample(c, down=True)
-            self.conv_blocks.append(level)
-        self.mid = middle(c, cfg.dropout_p)
-        self.norm_out = Normalize(c)
-        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+    """(B, 3, H, W) -> (B, z_channels, H/ds, W/ds)."""
 
 
 class Decoder(Coder):
-    """(B, z_channels, h, w) -> (B, 3, h*ds, w*ds); conv_blocks.0 is the LOWEST resolution."""
+    """(B, z_channels, h, w) -> (B, 3, h*ds, w*ds)."""
 
-    def __init__(self, cfg: VQConfig):
-        super().__init__()
-        ch, mult = cfg.ch, cfg.decoder_ch_mult
-        c = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = middle(c, cfg.dropout_p)
-        self.conv_blocks = nn.ModuleList()
-        for i in reversed(range(len(mult))):  # official order: lowest resolution first
-            level = Level(
-                c, ch * mult[i], cfg.num_res_blocks + 1, i == len(mult) - 1, cfg.dropout_p
-            )
-            c = ch * mult[i]
-            if i:  # not the highest resolution
-                level.upsample = Resample(c, down=False)
-            self.conv_blocks.append(level)
-        self.norm_out = Normalize(c)
-        # its weight is the "last layer" of the optional adaptive GAN weight (train_vq.py)
-        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)  # no tanh after it: nominally [-1, 1]
+    is_decoder = True
 
 
 # ----------------------------------------------------------------------------- quantizer

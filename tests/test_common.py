@@ -1,5 +1,6 @@
 """Tests for common.py, the shared runtime: downloads against a local server, checkpoints,
-RNG state, EMA, precision, run folders, logs, one-line errors, the resumable sampler.
+RNG state, EMA, precision, run folders, logs, one-line errors, the resumable sampler, and the
+trainers' Run skeleton.
 
     python -m pytest tests/test_common.py -q
 """
@@ -315,3 +316,51 @@ def test_log_drops_the_steps_of_a_killed_run_on_resume(tmp_path):
     log.log({"step": 30})
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30]
+
+
+class _Keys(torch.utils.data.Dataset):
+    """Ten samples that are their own (epoch, index) keys."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, key):
+        return torch.tensor(key)
+
+
+def test_run_skeleton_resume_steps_cadence_and_folder(tmp_path):
+    """common.Run: setup() reads a --resume checkpoint of its own script only; the loop walks
+    start+1..total (--max-steps, else --epochs) over the sampler's micro-batches; due() every n
+    steps and after the last; a resumed run continues the saved run's folder and log."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    for flag, default in ("--max-steps", 0), ("--epochs", 2), ("--global-seed", 0):
+        parser.add_argument(flag, type=int, default=default)
+    parser.add_argument("--num-workers", type=int, default=0)
+    for flag in ("--resume", "--results-dir", "--model", "--mixed-precision"):
+        parser.add_argument(flag)
+    args = parser.parse_args(["--results-dir", str(tmp_path), "--model", "m"])
+    env, ckpt, changed = common.Run.setup(args, parser, [], "key", "x.py")
+    assert (env.world_size, ckpt, changed) == (1, {}, {})  # no --resume: nothing changed
+    run = common.Run(args, env, _Keys(), 2, accumulation=2)  # 4 a step: 2 steps an epoch
+    assert (run.total, run.steps_per_epoch, run.folder.name) == (4, 2, "000-m")  # --epochs 2
+    keys = torch.cat([next(run.batches) for _ in range(4)])  # micro-batches of 2: two steps
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))  # epoch 0's
+    assert keys[:, 0].tolist() == [0] * 8 and keys[:, 1].tolist() == order[:8].tolist()
+    assert list(run) == [1, 2, 3, 4] and run.bar.n == 4
+    assert [s for s in range(1, 5) if run.due(s, 3)] == [3, 4] and not run.due(4, 0)
+    run.log({"step": 2})
+    run.log({"step": 4})  # logged, then the run was killed: resumed from step 2
+    saved = {"args": {**vars(args), "max_steps": 3}, "key": 1, "step": 2}
+    path = common.save_checkpoint(saved, run.folder / "checkpoints" / "0000002.pt")
+    resume = parser.parse_args(["--resume", str(path), "--max-steps", "6"])
+    _, ckpt, changed = common.Run.setup(resume, parser, ["max_steps"], "key", "x.py")
+    assert ckpt["step"] == 2 and changed == ["max_steps 3 -> 6"] and resume.model == "m"
+    again = common.Run(resume, env, _Keys(), 4, start=ckpt["step"])
+    assert again.folder == run.folder and list(again) == [3, 4, 5, 6]
+    assert next(again.batches)[:, 0].tolist() == [1] * 4  # step 3 begins epoch 1
+    lines = (run.folder / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2]  # step 4 dropped
+    with pytest.raises(common.UserError, match="was not written by y.py; resume one of its"):
+        common.Run.setup(resume, parser, [], "other_key", "y.py")

@@ -339,7 +339,7 @@ def test_resume_refuses_changed_flags_and_other_checkpoints(toy_folder, tmp_path
         assert code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1
     vq_only = common.save_checkpoint({"model": torch.load(ckpt)["model"]}, tmp_path / "vq.pt")
     code, err = run_cli(["--data-path", str(toy_folder), "--resume", str(vq_only)], capsys)
-    assert code == 2 and "not a train_vq.py checkpoint" in err and err.count("\n") == 1
+    assert code == 2 and "was not written by train_vq.py" in err and err.count("\n") == 1
     assert [r["step"] for r in read_log(run)] == [1]  # nothing run, nothing lost
 
 
