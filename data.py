@@ -498,28 +498,3 @@ if __name__ == "__main__":
     from common import cli
 
     cli(main, parse_args)
-
-
-# TEMPORARY during the redesign: the runtime moved to common.py
-from common import (  # noqa: E402,F401
-    cli,
-    cache_dir,
-    hf_url,
-    file_digest,
-    download,
-    is_main,
-    atomic_write,
-    save_checkpoint,
-    load_checkpoint,
-    JsonlLogger,
-    update_ema,
-)
-import common as _c  # noqa: E402
-
-init_dist = lambda: _c.setup()  # noqa: E731
-autocast_ctx = lambda device, precision: _c.setup(precision).ctx  # noqa: E731
-_one = lambda: _c.Env(0, 1, 0, None, False, None, None)  # noqa: E731
-get_rng_state = lambda: _c.gather_rng(_one())[0]  # noqa: E731
-set_rng_state = lambda s: _c.restore_rng([s], _one())  # noqa: E731
-make_results_dir = lambda root, name: _c.run_dir(root, name)  # noqa: E731
-load_image_or_skip = load_image
