@@ -65,14 +65,10 @@ class GPTConfig:
         return self.dim // self.n_head
 
     @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
     def ffn_hidden(self) -> int:
         # Llama's SwiGLU width: 2/3 of 4 * dim, optionally scaled, rounded UP to multiple_of
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
+        hidden = int(8 * self.dim / 3)
+        if self.ffn_dim_multiplier:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return -(-hidden // self.multiple_of) * self.multiple_of
 
@@ -107,10 +103,10 @@ GPT_CONFIGS = {  # official GPT_models; parameter counts for c2i with vocab 1638
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) in fp32, cast back, times a learned scale."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.dim))
 
     def forward(self, x):
         xf = x.float()
@@ -118,30 +114,29 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def precompute_freqs_cis_2d(
-    grid: int, head_dim: int, base: float, cls_token_num: int
-) -> torch.Tensor:
+def precompute_freqs_cis_2d(config: GPTConfig) -> torch.Tensor:
     """2D RoPE table (cls_token_num + grid*grid, head_dim//2, 2) of (cos, sin), fp32 on the CPU."""
     # head_dim/4 frequencies with the exponent over half = head_dim/2 (not head_dim), as official.
-    # device="cpu" explicitly: the model may be built under torch.device("meta") by the loader.
-    half = head_dim // 2
-    freqs = 1.0 / base ** (torch.arange(0, half, 2, device="cpu")[: half // 2].float() / half)
-    t = torch.outer(torch.arange(grid, device="cpu").float(), freqs)  # (grid, hd/4)
-    # cell p = (row i, col j), row-major like the VQ indices: the first half of the pairs turns
-    # with i = p // grid (rows repeated), the second half with j = p % grid (the table tiled)
-    angles = torch.cat([t.repeat_interleave(grid, 0), t.repeat(grid, 1)], dim=-1)  # (grid^2, hd/2)
-    table = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (grid^2, hd/2, 2)
-    # Condition rows are all ZERO (cos = sin = 0), not the identity rotation: q and k at condition
-    # positions are wiped in every layer. A quirk, but the released weights were trained with it.
-    return torch.cat([torch.zeros(cls_token_num, half, 2, device="cpu"), table])
+    # On the CPU explicitly: the model may be built under torch.device("meta") by the loader.
+    with torch.device("cpu"):
+        grid, half = config.grid_size, config.head_dim // 2
+        freqs = 1.0 / config.rope_base ** (torch.arange(0, half, 2.0) / half)  # fp32
+        t = torch.outer(torch.arange(grid).float(), freqs)  # (grid, hd/4)
+        # cell p = (row i, col j), row-major like the VQ indices: the first half of the pairs turns
+        # with i = p // grid (rows repeated), the second half with j = p % grid (the table tiled)
+        angles = torch.cat([t.repeat_interleave(grid, 0), t.repeat(grid, 1)], -1)  # (grid^2, hd/2)
+        table = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (grid^2, hd/2, 2)
+        # Condition rows are all ZERO (cos = sin = 0), not the identity rotation: q and k at
+        # condition positions are wiped in every layer. A quirk, but the released weights were
+        # trained with it.
+        return torch.cat([torch.zeros(config.cls_token_num, half, 2), table])
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2m], x[2m+1]) of x (B, S, H, hd) by freqs (S, hd/2, 2) of
     (cos, sin), in fp32: (a cos - b sin, b cos + a sin)."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, hd/2, 2)
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, hd/2) each
     cos, sin = freqs[:, None].unbind(-1)  # (S, 1, hd/2) each, broadcast over batch and heads
-    a, b = xs.unbind(-1)
     return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(3).type_as(x)
 
 
@@ -153,49 +148,38 @@ def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * keep / (1 - p)
 
 
-class KVCache(nn.Module):
-    """Static keys/values (B, n_kv_head, max_seq, hd); non-persistent, never in state_dict()."""
-
-    def __init__(self, shape, dtype, device):
-        super().__init__()
-        for name in ("k_cache", "v_cache"):
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), False)
-
-    def update(self, input_pos, k, v, kv_len: int):
-        """Write k, v (B, nkv, S, hd) at input_pos (S,); return the first kv_len positions."""
-        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
-        return self.k_cache[:, :, :kv_len], self.v_cache[:, :, :kv_len]
-
-
 class Attention(nn.Module):
     """Causal self-attention with a fused wqkv projection, 2D RoPE and grouped-query heads."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head, self.n_kv, self.hd = config.n_head, config.kv_heads, config.head_dim
+        self.n_head, self.hd = config.n_head, config.head_dim
+        self.n_kv = config.n_kv_head or config.n_head  # fewer: grouped-query attention
         self.wqkv = nn.Linear(config.dim, (self.n_head + 2 * self.n_kv) * self.hd, bias=False)
-        self.wo = nn.Linear(self.n_head * self.hd, config.dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)  # n_head * hd = dim
         self.attn_dropout_p = config.attn_dropout_p
         self.resid_dropout = nn.Dropout(config.resid_dropout_p)
-        self.kv_cache: KVCache | None = None
+        # generation's keys and values (2, B, n_kv, max_seq, hd), from GPT.setup_caches: a buffer,
+        # so a compiled decode replays CUDA graphs on its fixed address; non-persistent, so never
+        # in state_dict() (the gpt-fast KVCache in one tensor)
+        self.register_buffer("kv_cache", None, persistent=False)
 
     def forward(self, x, freqs, mask=None, input_pos=None, kv_len=None):
-        B, S, _ = x.shape
-        qkv = self.wqkv(x).view(B, S, self.n_head + 2 * self.n_kv, self.hd)
+        qkv = self.wqkv(x).unflatten(-1, (-1, self.hd))  # (B, S, n_head + 2 n_kv, hd)
         q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=2)  # (B, S, heads, hd)
         q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, hd)
-        if kv_len is not None:  # generation: keys and values of the filled cache prefix
-            k, v = self.kv_cache.update(input_pos, k, v, kv_len)
+        if kv_len is not None:  # generation: write k, v at input_pos, attend over kv_len positions
+            self.kv_cache.index_copy_(3, input_pos, torch.stack([k, v]).to(self.kv_cache.dtype))
+            k, v = self.kv_cache[..., :kv_len, :]  # (B, n_kv, kv_len, hd) each
             q = q.to(k.dtype)
         if self.n_kv != self.n_head:  # each kv head serves n_head / n_kv consecutive query heads
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
-        dropout = self.attn_dropout_p if self.training else 0.0
+        p = self.attn_dropout_p * self.training  # attention dropout: 0 in eval mode
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout
+            q, k, v, mask, p, is_causal=mask is None
         )  # (B, nh, S, hd)
-        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, -1)))
+        return self.resid_dropout(self.wo(y.transpose(1, 2).flatten(2)))  # (B, S, dim)
 
 
 class FeedForward(nn.Module):
@@ -219,12 +203,12 @@ class Block(nn.Module):
         super().__init__()
         self.attention = Attention(config)
         self.feed_forward = FeedForward(config)
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention_norm = RMSNorm(config)
+        self.ffn_norm = RMSNorm(config)
         self.drop_path_p = drop_path_p
 
     def forward(self, x, freqs, mask=None, input_pos=None, kv_len=None):
-        p = self.drop_path_p if self.training else 0.0
+        p = self.drop_path_p * self.training  # 0 in eval mode
         h = x + drop_path(self.attention(self.attention_norm(x), freqs, mask, input_pos, kv_len), p)
         return h + drop_path(self.feed_forward(self.ffn_norm(h)), p)
 
@@ -235,11 +219,10 @@ class LabelEmbedder(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.num_classes = config.num_classes  # the null row exists iff class dropout is on
-        rows = config.num_classes + int(config.class_dropout_prob > 0)
+        rows = config.num_classes + (config.class_dropout_prob > 0)
         self.embedding_table = nn.Embedding(rows, config.dim)
 
     def forward(self, labels, drop=None):
-        labels = labels.reshape(-1)
         if drop is not None:  # (B,) bool: official force_drop_ids / training's random drop
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels).unsqueeze(1)
@@ -264,7 +247,7 @@ class CaptionEmbedder(nn.Module):
 
     def forward(self, caption, drop=None):
         if drop is not None:  # the projection comes after the replacement (official)
-            null = self.uncond_embedding[: caption.shape[1]]
+            null = self.uncond_embedding[: caption.shape[1]]  # (n_cond, caption_dim)
             caption = torch.where(drop[:, None, None], null, caption)
         return self.cap_proj(caption.to(self.cap_proj.fc1.weight.dtype))
 
@@ -280,25 +263,22 @@ class GPT(nn.Module):
         super().__init__()
         if config.grid_size**2 != config.block_size or config.dim % config.n_head:
             raise ValueError(
-                f"block_size {config.block_size} must be a square and dim {config.dim} "
-                f"divisible by n_head {config.n_head}"
+                f"block_size {config.block_size} must be a square, dim divisible by n_head"
             )
         self.config = config
         c2i = config.model_type == "c2i"
-        self.cls_embedding = LabelEmbedder(config) if c2i else CaptionEmbedder(config)
+        self.cls_embedding = (LabelEmbedder if c2i else CaptionEmbedder)(config)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
-        n = config.n_layer  # drop-path rate grows linearly with depth, 0 at the first block
-        self.layers = nn.ModuleList(
-            Block(config, config.drop_path_rate * i / max(n - 1, 1)) for i in range(n)
-        )
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # drop-path rate grows linearly with depth, 0 at the first block (official linspace;
+        # on the CPU, as the loader builds the model under torch.device("meta"))
+        rates = torch.linspace(0, config.drop_path_rate, config.n_layer, device="cpu").tolist()
+        self.layers = nn.ModuleList(Block(config, rate) for rate in rates)
+        self.norm = RMSNorm(config)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         # A plain fp32 attribute, as official: absent from state_dict(), untouched when the model
         # is cast to bf16 (a buffer would be rounded), moved to the input's device by `transform`.
-        self.freqs_cis = precompute_freqs_cis_2d(
-            config.grid_size, config.head_dim, config.rope_base, config.cls_token_num
-        )
+        self.freqs_cis = precompute_freqs_cis_2d(config)
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # initial loss is exactly ln(vocab_size)
 
@@ -344,7 +324,7 @@ class GPT(nn.Module):
             raise ValueError(f"idx has {S} tokens; at most block_size - 1 = {c.block_size - 1} fit")
         drop = None  # class dropout for CFG training: a label or caption becomes the null one
         if self.training and c.class_dropout_prob > 0:
-            drop = torch.rand(B, device=idx.device) < c.class_dropout_prob
+            drop = torch.rand(B, device=idx.device) < c.class_dropout_prob  # (B,) bool
         cond_emb = self.cls_embedding(cond, drop)[:, : c.cls_token_num]
         # token dropout acts on the whole sequence, condition included (official)
         h = self.tok_dropout(torch.cat([cond_emb, self.tok_embeddings(idx)], 1))  # (B, n+S, dim)
@@ -360,32 +340,29 @@ class GPT(nn.Module):
         # full logits are never made. Below it, one plain pass: no recomputation, no slower.
         rows = max(1, CE_CHUNK_ELEMENTS // c.vocab_size)
         # per-token weight: 1, or the record's valid flag (t2i: bad records count 0)
-        weight = torch.ones(B, device=h.device) if valid is None else valid.float()
+        weight = torch.ones(B, device=h.device) if valid is None else valid.float()  # (B,)
         weight = weight.repeat_interleave(S + 1)  # (B*(S+1),) like the flattened targets
-        chunks = zip(
-            h.flatten(0, 1).split(rows), targets.flatten().long().split(rows), weight.split(rows)
-        )
-        plain = B * (S + 1) <= rows  # one chunk: nothing to save by recomputing it
-        ce = self._ce_sum if plain else partial(checkpoint, self._ce_sum, use_reentrant=False)
-        loss = sum(ce(*chunk) for chunk in chunks)
-        # mean over the weighted tokens (official: divided by max(number of valid tokens, 1))
-        return logits, loss / weight.sum().clamp(min=1)
 
-    def _ce_sum(self, h, targets, weight):
-        """Weighted sum of the cross-entropy of rows h (N, dim) against targets (N,)."""
-        return (F.cross_entropy(self.output(h).float(), targets, reduction="none") * weight).sum()
+        def ce(h, targets, weight):  # weighted cross-entropy sum of rows h (N, dim)
+            losses = F.cross_entropy(self.output(h).float(), targets, reduction="none")  # (N,)
+            return (losses * weight).sum()
+
+        if B * (S + 1) > rows:  # several chunks (one has nothing to save by recomputing it)
+            ce = partial(checkpoint, ce, use_reentrant=False)
+        chunks = [t.split(rows) for t in (h.flatten(0, 1), targets.flatten().long(), weight)]
+        # mean over the weighted tokens (official: divided by max(number of valid tokens, 1))
+        return logits, sum(map(ce, *chunks)) / weight.sum().clamp(min=1)
 
     # ---- cached inference -------------------------------------------------------------------
 
     def setup_caches(self, batch: int, max_seq: int, dtype: torch.dtype, device: torch.device):
-        """Give every layer a static KVCache; matching ones are kept (a compiled decode replays
-        CUDA graphs on the same buffers)."""
-        shape = (batch, self.config.kv_heads, max_seq, self.config.head_dim)
+        """Give every layer a static KV cache; ones of the same shape are kept (a compiled decode
+        replays CUDA graphs on the same buffers). Buffers follow the model's .to(), so a kept
+        cache already has the weights' dtype and device."""
+        shape = (2, batch, self.layers[0].attention.n_kv, max_seq, self.config.head_dim)
         for layer in self.layers:
-            old = layer.attention.kv_cache
-            want = (shape, dtype, device)
-            if old is None or (old.k_cache.shape, old.k_cache.dtype, old.k_cache.device) != want:
-                layer.attention.kv_cache = KVCache(shape, dtype, device)
+            if getattr(layer.attention.kv_cache, "shape", None) != shape:
+                layer.attention.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def teardown_caches(self):
         """Free the KV caches."""
@@ -400,64 +377,51 @@ class GPT(nn.Module):
         an official file ("model" / "module" / "state_dict" / a raw state dict, FSDP prefixes)
         gets its config from the tensor shapes, and block_size = (image_size // downsample)**2
         from the caller, since the file does not record its image size."""
-        sd = next(
-            (
-                ckpt[k]
-                for k in ("ema", "model", "module", "state_dict")
-                if isinstance(ckpt.get(k), dict)
-            ),
-            ckpt,
-        )
+        # the first container present (ours keep "ema": None without EMA), else a raw state dict
+        sd = next(filter(None, map(ckpt.get, ("ema", "model", "module", "state_dict"))), ckpt)
         # drop wrappers' prefixes (torch.compile, DDP) and non-weights some official files carry
         sd = {
             k.removeprefix("_orig_mod.").removeprefix("module."): v
             for k, v in sd.items()
-            if torch.is_tensor(v) and not k.endswith("freqs_cis") and ".kv_cache." not in k
+            if "freqs_cis" not in k and ".kv_cache." not in k
         }
-        if "tok_embeddings.weight" not in sd:
-            vq = any(k.startswith(("encoder.", "quantize.")) for k in sd)
-            raise ValueError(
-                "this is a VQ tokenizer checkpoint, not a GPT"
-                if vq
-                else "not a GPT checkpoint (no tok_embeddings.weight)"
+        if "tok_embeddings.weight" not in sd:  # e.g. a VQ tokenizer's (encoder., quantize.): say so
+            raise ValueError(f"not a GPT checkpoint: keys {sorted(sd)[:4]}...")
+        if "config" in ckpt:  # ours
+            config = GPTConfig(**ckpt["config"])
+        else:  # official: vocab, dim, depth and c2i/t2i from the tensor shapes; n_head from the
+            # preset of that dim and depth (shapes cannot tell heads apart); block_size from the
+            # caller, who knows the image size and the tokenizer
+            if block_size is None:
+                raise ValueError(
+                    "an official GPT file does not record its image size: pass block_size"
+                )
+            vocab, dim = sd["tok_embeddings.weight"].shape
+            n_layer = sum(k.endswith(".attention.wqkv.weight") for k in sd)
+            presets = [
+                p for p in GPT_CONFIGS.values() if (p["dim"], p["n_layer"]) == (dim, n_layer)
+            ]
+            if not presets:
+                raise ValueError(f"no GPT preset has dim {dim} and {n_layer} layers")
+            caption = sd.get("cls_embedding.cap_proj.fc1.weight")  # (dim, caption_dim): t2i only
+            cond = (  # c2i: the label table has the classes plus the null class
+                dict(num_classes=len(sd["cls_embedding.embedding_table.weight"]) - 1)
+                if caption is None
+                else dict(
+                    model_type="t2i", cls_token_num=UNCOND_TOKENS, caption_dim=caption.shape[1]
+                )
             )
-        ours = isinstance(ckpt.get("config"), dict)
-        config = GPTConfig(**ckpt["config"]) if ours else config_from_state_dict(sd, block_size)
+            config = GPTConfig(**presets[0], **cond, vocab_size=vocab, block_size=block_size)
         with torch.device("meta"):  # no init cost: every tensor comes from the file
             model = cls(config)
         try:  # strict: every tensor present, none extra, all shapes equal
             model.load_state_dict(sd, assign=True)
-        except RuntimeError as e:  # torch lists every problem; the first one names the key
-            first = str(e).splitlines()[1].strip()[:200]
+        except RuntimeError as e:  # torch lists every problem: missing, unexpected, shapes
             raise ValueError(
                 f"checkpoint does not fit a {config.model_type} GPT with dim {config.dim}, "
-                f"{config.n_layer} layers, vocab {config.vocab_size}: {first}"
+                f"{config.n_layer} layers: {' '.join(str(e).split())[:300]}"
             ) from None
         return model.eval()
-
-
-def config_from_state_dict(sd: dict, block_size: int | None) -> GPTConfig:
-    """An official file's GPTConfig: vocab, dim, depth and c2i/t2i from the tensor shapes; n_head
-    from the preset of that dim and depth (shapes cannot tell heads apart); block_size from the
-    caller, who knows the image size and the tokenizer."""
-    if block_size is None:
-        raise ValueError(
-            "an official GPT file does not record its image size: pass "
-            "block_size = (image_size // downsample) ** 2"
-        )
-    vocab, dim = sd["tok_embeddings.weight"].shape
-    n_layer = sum(k.endswith(".attention.wqkv.weight") for k in sd)
-    preset = next(
-        (p for p in GPT_CONFIGS.values() if (p["dim"], p["n_layer"]) == (dim, n_layer)), None
-    )
-    if preset is None:
-        raise ValueError(f"no GPT preset has dim {dim} and {n_layer} layers")
-    caption = sd.get("cls_embedding.cap_proj.fc1.weight")  # (dim, caption_dim): t2i only
-    if caption is None:  # c2i: the label table has the classes plus the null class
-        cond = dict(num_classes=len(sd["cls_embedding.embedding_table.weight"]) - 1)
-    else:
-        cond = dict(model_type="t2i", cls_token_num=UNCOND_TOKENS, caption_dim=caption.shape[1])
-    return GPTConfig(**preset, **cond, vocab_size=vocab, block_size=block_size)
 
 
 # -----------------------------------------------------------------------------
@@ -470,12 +434,12 @@ def probs(logits, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
+        logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         drop = sorted_logits.softmax(-1).cumsum(-1) > top_p
         drop = F.pad(drop[..., :-1], (1, 0))  # shift right: keep the first token past top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -float("inf"))
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)
     return logits.softmax(-1)
 
 
@@ -502,67 +466,73 @@ def decode_one_token(model: GPT, x, pos, kv_len: int, emb_mask, cfg_scale, cfg_i
 def generate(
     model: GPT,
     cond: torch.Tensor,
-    cfg_scale: float = 1.0,
-    cfg_interval: float = -1,
-    emb_mask: torch.Tensor | None = None,
+    cfg_scale=1.0,
+    cfg_interval=-1,
+    emb_mask=None,
     decode_fn=None,
-    jacobi_window: int = 0,
-    prefix: torch.Tensor | None = None,
-    stats: dict | None = None,
-    generator: torch.Generator | None = None,
+    jacobi_window=0,
+    prefix=None,
+    stats=None,
+    generator=None,
     **filters,
 ) -> torch.Tensor:
     """Sample (B, block_size) int64 image tokens for labels (B,) or captions (B, n_cond,
-    caption_dim) with emb_mask (B, n_cond); **filters: temperature, top_k, top_p.
+    caption_dim) with emb_mask (B, n_cond) (t2i; ignored for c2i); **filters: temperature,
+    top_k, top_p. cfg_scale > 1 guides (paper Sec. 2.4) up to image token cfg_interval (-1: all).
 
-    prefix (B, K): image tokens kept as given; sampling continues at token K. decode_fn: a
+    prefix (B, K) int64: image tokens kept as given; sampling continues at token K. decode_fn: a
     torch.compile'd `decode_one_token` (gpt-fast); it then attends over the whole (masked) cache
     so shapes stay static for CUDA graphs, and the caches stay for the next call.
     jacobi_window W > 0: speculative Jacobi decoding (`_jacobi`), the same distribution in fewer
-    forward passes. stats: a dict that receives "forward_passes" (the prefill counts one)."""
+    forward passes; W = 0 is ordinary sampling. stats: a dict that receives "forward_passes"
+    (the prefill counts one). generator: a torch.Generator for every random draw (same seed,
+    same tokens)."""
     c, device = model.config, cond.device
-    n_cond, L = c.cls_token_num, c.block_size
-    t2i, guided = c.model_type == "t2i", cfg_scale > 1.0
-    if t2i and tuple(cond.shape[1:]) != (n_cond, c.caption_dim):
-        raise ValueError(
-            f"t2i cond must be (B, {n_cond}, {c.caption_dim}), got {tuple(cond.shape)}"
-        )
-    if guided and not t2i and c.class_dropout_prob <= 0:
+    n_cond, L, t2i = c.cls_token_num, c.block_size, c.model_type == "t2i"
+    if cfg_scale > 1.0 and not t2i and c.class_dropout_prob <= 0:
         raise ValueError("cfg_scale > 1 needs the null class (class_dropout_prob > 0)")
     K = 0 if prefix is None else prefix.shape[1]
     if K >= L:
         raise ValueError(f"a prefix of {K} tokens leaves nothing to sample (block_size {L})")
     # guidance doubles the batch to [cond; null]: the null class, or the stored null caption;
     # a t2i uncond row keeps the cond row's padding mask (official)
-    B, copies = len(cond), 1 + guided
+    B, copies = len(cond), 1 + (cfg_scale > 1.0)
     cond = torch.cat([cond] * copies)
-    emb_mask = torch.cat([emb_mask] * copies) if t2i and emb_mask is not None else None
+    emb_mask = emb_mask.repeat(copies, 1) if t2i and emb_mask is not None else None
     max_seq = n_cond + L - 1  # the last token is never fed back
+    guide = (emb_mask, cfg_scale, cfg_interval)
+    tokens = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L)
+    if K:
+        tokens[:, :K] = prefix
+
+    def feed(start, end, step=decode_one_token, kv_len=None):
+        """Feed tokens start..end-1 (to both halves) -> the distributions (B, S, V) of tokens
+        start+1..end, each given the tokens before it."""
+        x = model.tok_embeddings(tokens[:, start:end].repeat(copies, 1))
+        at = torch.arange(n_cond + start, n_cond + end, device=device)  # their positions
+        return probs(
+            step(model, x, at, kv_len or n_cond + end, *guide, last=end - start), **filters
+        )
+
     was_training = model.training
     model.eval()  # caches in the weights' dtype (official: bf16 when the model is cast to bf16)
     model.setup_caches(len(cond), max_seq, model.tok_embeddings.weight.dtype, device)
-    tokens = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L)
-    x = model.cls_embedding(cond, torch.arange(len(cond), device=device) >= B)[:, :n_cond]
-    if K:
-        tokens[:, :K] = prefix
-        x = torch.cat([x, model.tok_embeddings(prefix.repeat(copies, 1))], 1)
-    pos, guide = torch.arange(max_seq, device=device), (emb_mask, cfg_scale, cfg_interval)
     try:  # prefill: the condition (and the prefix) in one pass, always eager -> token K
-        logits = decode_one_token(model, x, pos[: n_cond + K], n_cond + K, *guide)
+        x = model.cls_embedding(cond, torch.arange(len(cond), device=device) >= B)
+        x = torch.cat([x, model.tok_embeddings(tokens[:, :K].repeat(copies, 1))], 1)
+        logits = decode_one_token(
+            model, x, torch.arange(n_cond + K, device=device), n_cond + K, *guide
+        )
         tokens[:, K] = draw(probs(logits[:, -1], **filters), generator)
         if jacobi_window > 0:
-            passes = 1 + _jacobi(
-                model, tokens, K + 1, jacobi_window, copies, guide, generator, filters
-            )
+            passes = 1 + _jacobi(feed, tokens, K + 1, jacobi_window, c.grid_size, generator)
         else:
             passes = L - K
+            # eager attends over the filled prefix; compiled over the whole (masked) cache with
+            # fixed shapes, so CUDA graphs can replay
+            step = (decode_fn, max_seq) if decode_fn else ()
             for i in range(K + 1, L):  # feed token i - 1 -> token i
-                # eager attends over the filled prefix; compiled over the whole (masked) cache
-                # with fixed shapes, so CUDA graphs can replay
-                step, kv_len = (decode_fn, max_seq) if decode_fn else (decode_one_token, n_cond + i)
-                x = model.tok_embeddings(tokens[:, i - 1 : i].repeat(copies, 1))  # both halves
-                logits = step(model, x, pos[n_cond + i - 1 : n_cond + i], kv_len, *guide)
-                tokens[:, i] = draw(probs(logits[:, -1], **filters), generator)
+                tokens[:, i] = draw(feed(i - 1, i, *step)[:, -1], generator)
     finally:
         if decode_fn is None:  # compiled graphs keep the same cache buffers for the next call
             model.teardown_caches()
@@ -572,10 +542,11 @@ def generate(
     return tokens
 
 
-def _jacobi(model: GPT, tokens, n0: int, window: int, copies, guide, generator, filters) -> int:
+def _jacobi(feed, tokens, n0: int, window: int, grid: int, generator) -> int:
     """Speculative Jacobi decoding (Teng et al., ICLR 2025, arXiv 2410.01699): fill tokens
-    (B, L) from n0 accepted tokens per row in place, W = `window` drafts per row checked per
-    forward pass (copies = 2 with guidance); returns the number of passes.
+    (B, L) in place from n0 accepted tokens per row; each forward pass (`feed`) feeds up to
+    `window` drafts past the furthest row and checks every row's drafts, plus one more draft
+    whose p the pass gives but which is not fed; returns the number of passes.
 
     Why the distribution stays exact: a draft x_i was drawn from a known q_i. Given the tokens
     before it, the pass gives the true next-token distribution p_i (guided and filtered exactly
@@ -584,46 +555,44 @@ def _jacobi(model: GPT, tokens, n0: int, window: int, copies, guide, generator, 
     (1 - sum_y min(q(y), p(y))) * (p(x) - min(q(x), p(x))) / (1 - sum_y min(q(y), p(y))) = p(x).
     Each row stops at its own first rejection (never at the batch minimum, which would bias it),
     accepted tokens are never checked again, and p_i depends only on tokens before i, so the
-    drafts after a rejection may be anything drawn from a known q: we take this pass's p there.
-    A fresh position's draft is the token one grid row above (the token to its left in the top
-    row): a point mass, q = one-hot, so it is accepted with probability p(x) (the spatial prior
-    of the paper). The KV cache holds only accepted tokens: each pass re-feeds every row from
-    the earliest token whose keys and values are not final, overwriting what a rejected draft
-    left there, and attends over the fed window causally."""
-    c = model.config
-    (B, L), V, g, n_cond = tokens.shape, c.vocab_size, c.grid_size, c.cls_token_num
-    rows, device = torch.arange(B, device=tokens.device), tokens.device
-    q = torch.zeros(B, L, V, device=device)  # the distribution each draft was drawn from
-    n = torch.full((B,), n0, device=device)  # accepted tokens per row
+    drafts after a rejection may be anything drawn from a known q: we draw them from this pass's
+    p, so that every draft a row still has came from the last pass's p (q is that pass's output,
+    no (B, L, V) table). A fresh draft is the token one grid row above (the token to its left in
+    the top row): a point mass, q = one-hot, so it is accepted with probability p(x) (the
+    spatial prior of the paper). The KV cache holds only accepted tokens: each pass re-feeds
+    every row from the earliest token whose keys and values are not final, overwriting what a
+    rejected draft left there, and attends over the fed window causally."""
+    (B, L), device = tokens.shape, tokens.device
+    n = tokens.new_full((B,), n0)  # accepted tokens per row
+    q = q_start = None  # the last pass's p (B, S', V), of tokens q_start+1..q_start+S'
     passes, drafted = 0, n0  # tokens < drafted hold an accepted token or a draft, in every row
     while (n < L).any():
         # feed tokens start..end-1: from the earliest row's newest (uncached) accepted token to W
-        # drafts past the furthest row; fed token j gives p of token j + 1
+        # drafts past the furthest row; fed token j gives p of token j + 1; token `end` is checked
+        # but not fed
         start, end = int(n.min()) - 1, min(L - 1, int(n.max()) + window)
-        for t in range(drafted, end):  # fresh drafts, point masses
-            tokens[:, t] = tokens[:, t - g if t >= g else t - 1]
-            q[:, t] = F.one_hot(tokens[:, t], V).float()
-        x = model.tok_embeddings(tokens[:, start:end].repeat(copies, 1))
-        pos = torch.arange(n_cond + start, n_cond + end, device=device)
-        p = probs(
-            decode_one_token(model, x, pos, n_cond + end, *guide, last=end - start), **filters
-        )
+        for t in range(drafted, end + 1):  # fresh drafts, point masses
+            tokens[:, t] = tokens[:, t - grid if t >= grid else t - 1]
+        p = feed(start, end)  # (B, S, V), S = end - start
         passes += 1
-        # check each row's drafts n..end-1 in order; token `end` has none (q = 0): always drawn
-        t = torch.arange(start + 1, end + 1, device=device)  # (S,) the tokens p is for
-        q_win = torch.cat([q[:, start + 1 : end], torch.zeros_like(q[:, :1])], 1)  # (B, S, V)
-        x_t = tokens[:, start + 1 : end + 1, None]
-        p_x, q_x = p.gather(2, x_t)[..., 0], q_win.gather(2, x_t)[..., 0]  # (B, S)
+        # what each draft was drawn from: the last pass's p (end only grows, so it covers
+        # tokens start+1..drafted-1), a point mass for the fresh ones -> (B, S, V) like p
+        fresh = F.one_hot(tokens[:, drafted : end + 1], p.shape[-1]).float()
+        q = fresh if q is None else torch.cat([q[:, start - q_start :], fresh], 1)
+        x = tokens[:, start + 1 : end + 1]  # (B, S): accepted tokens (before n), then drafts
+        t = torch.arange(start + 1, end + 1, device=device)  # (S,) the tokens p and q are for
+        p_x, q_x = (dist.gather(2, x[..., None])[..., 0] for dist in (p, q))  # (B, S)
         u = torch.rand(p_x.shape, generator=generator, device=device)
-        reject = (t >= n[:, None]) & ((u * q_x >= p_x) | (t == end))
-        r = reject.float().argmax(1)  # column of each row's first rejection (or of `end`)
-        resid = (p[rows, r] - q_win[rows, r]).clamp(min=0)  # normalize(max(0, p - q))
-        resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p[rows, r])
-        redraft, fixed = draw(p, generator), draw(resid, generator)
-        active = n < L
-        after = active[:, None] & (t > (start + 1 + r)[:, None])  # (B, S) new drafts ~ p
-        tokens[:, start + 1 : end + 1] = torch.where(after, redraft, x_t[..., 0])
-        q[:, start + 1 : end + 1] = torch.where(after[..., None], p, q[:, start + 1 : end + 1])
-        tokens[rows[active], (start + 1 + r)[active]] = fixed[active]
-        drafted, n = end + 1, torch.where(active, start + 2 + r, n)
+        # accepted with probability min(1, p/q); tokens before n (all, in a finished row) stand
+        reject = (t >= n[:, None]) & (u * q_x >= p_x)
+        # (B, 1) each row's first rejected token (end + 1: none); its residual normalize(max(0,
+        # p - q)) is never empty: a rejection means p(x) < q(x), so p > q somewhere
+        at = start + 1 + (~reject).cumprod(1).sum(1, keepdim=True)
+        p = torch.where((t == at)[..., None], (p - q).clamp(min=0), p)
+        # the rejected token is drawn from the residual, the ones after it afresh from p (in
+        # place: x views tokens); a row with no rejection keeps all its drafts
+        redo = t >= at
+        x[redo] = draw(p[redo], generator)
+        # accepted through `at`, or through `end` if nothing was rejected (a finished row: L)
+        n, q, q_start, drafted = at[:, 0].clamp(max=end) + 1, p, start, end + 1
     return passes

@@ -117,7 +117,8 @@ def test_config_names_and_sizes():
 
 
 def test_rope_table_is_official():
-    f = gpt.precompute_freqs_cis_2d(grid=3, head_dim=100, base=10000, cls_token_num=2)
+    config = GPTConfig(dim=200, n_head=2, block_size=9, cls_token_num=2)  # grid 3, head_dim 100
+    f = gpt.precompute_freqs_cis_2d(config)
     assert f.shape == (2 + 9, 50, 2) and f[:2].abs().sum() == 0  # condition rows: cos = sin = 0
     row, col = divmod(5, 3)  # token 5 sits at (1, 2)
     angles = torch.tensor(
@@ -374,7 +375,7 @@ def test_loader_errors_are_clear():
     }
     our_vq = {**vq_file, "config": {"codebook_size": 1024, "z_channels": 64}}
     for ckpt in (vq_file, our_vq):
-        with pytest.raises(ValueError, match="is a VQ tokenizer checkpoint, not a GPT"):
+        with pytest.raises(ValueError, match=r"not a GPT checkpoint: keys \['encoder.conv_in"):
             GPT.from_checkpoint(ckpt, 256)
 
 
@@ -407,8 +408,8 @@ def test_static_shape_decode_keeps_caches_and_matches_eager():
             model, cond, cfg_scale=2.0, top_k=1, emb_mask=emb_mask, decode_fn=gpt.decode_one_token
         )
         assert torch.equal(static, eager)
-    cache = model.layers[0].attention.kv_cache.k_cache  # (2B, n_kv, n_cond + L - 1, hd)
-    assert cache.shape[::2] == (4, model.config.cls_token_num + 15)
+    cache = model.layers[0].attention.kv_cache  # (k and v, 2B, n_kv, n_cond + L - 1, hd)
+    assert cache.shape == (2, 4, 4, model.config.cls_token_num + 15, 16)
     model.teardown_caches()
 
 
