@@ -73,7 +73,8 @@ class Demo:
     def __init__(self, args):
         # sample.py's steps: load once (this fills in cfg_scale and top_k for the model's kind)
         self.args = args
-        self.model, self.tokenizer, self.info = sample.load_models(args)
+        self.info = sample.load_models(args)  # the GPT, its tokenizer, env, name, passes
+        self.model = self.info.gpt
         c, self.lock = self.model.config, threading.Lock()
         self.t2i, self.size = c.model_type == "t2i", args.image_size_eval
         if self.t2i:  # caption_condition builds an encoder per call: load FLAN-T5 only once
@@ -145,7 +146,7 @@ class Demo:
             total = self.model.config.block_size - kept  # one prefill, then a pass per token
             self.progress.update(done=0, total=total, busy=True)
             start = time.perf_counter()
-            images, nrow = sample.draw_grid(args, self.model, self.tokenizer, self.info, pictures)
+            images, nrow = sample.draw_grid(args, self.info, pictures)
             seconds = time.perf_counter() - start
         finally:
             self.progress["busy"] = False
@@ -263,7 +264,7 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0: the whole network can use it")
-    p.add_argument("--port", type=sample.number(int, 0, 65535), default=8000, help="0: any free")
+    p.add_argument("--port", type=common.number(int, 0, 65535), default=8000, help="0: any free")
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest image to complete")
     args, rest = p.parse_known_args(argv)
     return argparse.Namespace(**vars(sample.parse_args(rest)), **vars(args))

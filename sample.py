@@ -40,11 +40,49 @@ its codes would mean other things to the GPT and the samples would be noise.
 
 Everything that can be checked is checked before any download or sampling: conflicting flags, --out
 of the kind the run writes (a .png grid, an .npz with --num-samples) in a writable folder, the
-pictures to complete.
+pictures to complete, a readable --prompt-file (argparse reads it).
 
-For a web page (demo.py) the steps are plain functions: `load_models(args)` once, then
-`draw_grid(args, model, tokenizer, info, pictures)` per request, where `args` is a parse_args
-namespace whose labels, prompts and settings may change between calls.
+For a web page (demo.py) the steps are plain functions: `models = load_models(args)` once, then
+`draw_grid(args, models, pictures)` per request, where `args` is a parse_args namespace whose
+labels, prompts and settings may change between calls. `models` holds gpt (from --gpt-ckpt, ours
+or an official file, or the released file of --model and --image-size), vq (the tokenizer, from
+--vq-ckpt or the released VQ-16), env (common.Env), name (the GPT file's stem, for output names),
+decode_fn (the compiled decode step with --compile, else None) and passes (the forward passes of
+each gpt.generate call). A released file is downloaded by rank 0 while the other ranks wait (then
+they find it cached), and must load as a checkpoint before it enters the cache.
+
+Flags (their defaults follow below, with --help):
+  --model, --image-size a released GPT: B, L, XL, XXL or 3B (or GPT-B, ...) at 256 or 384 px
+                        (text-to-image: XL at 256 or 512); none given: B (t2i XL) at 256
+  --gpt-ckpt            a GPT file on disk, ours or official, instead (then no --model; an
+                        official file takes its --image-size, default 256)
+  --vq-ckpt             a tokenizer file on disk; none: the released VQ-16 of the GPT's kind
+  --any-tokenizer       skip the check of the tokenizer's sha256 against the GPT's record
+  --labels              class ids or ImageNet names ("golden retriever", any synonym); none:
+                        the 8 demo classes of sample_c2i.py (a small model: its first classes)
+  --prompt, --prompt-file
+                        text-to-image prompts, and a file of them, one per line
+  --caption-features    a .pt or .npz of precomputed T5 features: emb (B, 120, 2048) + mask
+  --t5-path             a local copy of google/flan-t5-xl; none: the Hugging Face cache
+  --cfg-scale           classifier-free guidance (<= 1: none); none given: 4.0 for a grid, 7.5
+                        for text, the model's FID cfg for an .npz (1.5 for our checkpoints)
+  --cfg-interval        guide only the first steps up to this fraction (-1: all of them)
+  --temperature, --top-k, --top-p
+                        the sampling filters; top-k none given: 2000 (grid), 1000 (text), 0 =
+                        off (.npz); top-p 1: off
+  --jacobi-window       draft tokens per forward pass (0: plain sampling, one pass per token)
+  --seed                the same seed draws the same images
+  --batch-size          images per gpt.generate call
+  --nrow                images per grid row
+  --complete, --keep-rows
+                        pictures whose first token rows the GPT keeps and completes
+  --num-samples         write an FID .npz of this many images
+  --image-size-eval     resize the images to this; none given: the GPT's size (an .npz: 256)
+  --resize-filter       antialias (bicubic), or official (bicubic without antialiasing)
+  --mixed-precision     fp32, bf16 or fp16; none given: bf16 on GPUs, fp32 on the CPU
+  --compile             torch.compile the decode step (a GPU: CUDA graphs)
+  --out                 the .png grid or, with --num-samples, the .npz; none: a name under
+                        samples/ that says what the images depend on
 """
 
 import argparse
@@ -69,7 +107,8 @@ import vq
 from common import UserError
 
 # Released weights: kind -> (Hugging Face repo, the VQ-16 tokenizer of its GPTs, the default
-# preset, {"preset image-size": GPT file})
+# preset, {"preset image-size": GPT file}, and a grid's cfg and top-k: c2i as the official
+# sample_c2i.py, strong guidance and top-k 2000; t2i as sample_t2i.py)
 RELEASED = {
     "c2i": (
         "FoundationVision/LlamaGen",
@@ -84,12 +123,16 @@ RELEASED = {
             "GPT-XXL 384": "c2i_XXL_384.pt",
             "GPT-3B 384": "c2i_3B_384.pt",
         },
+        4.0,
+        2000,
     ),
     "t2i": (
         "peizesun/llamagen_t2i",
         "vq_ds16_t2i.pt",
         "GPT-XL",
         {"GPT-XL 256": "t2i_XL_stage1_256.pt", "GPT-XL 512": "t2i_XL_stage2_512.pt"},
+        7.5,
+        1000,
     ),
 }
 # classifier-free guidance for FID, per model (official GETTING_STARTED; paper Table 6); own
@@ -100,45 +143,36 @@ CLASS_NAMES = Path(__file__).with_name("imagenet_classes.txt")  # ILSVRC-2012 or
 
 
 def wants_text(args):
-    return args.prompt or args.prompt_file or args.caption_features
-
-
-def fetch(repo, filename, env):
-    """A released file, downloaded once: rank 0 first, then the other ranks find it cached. It
-    must load as a checkpoint before it enters the cache (a mirror's HTML page would not)."""
-    url = common.hf_url(repo, filename)
-    if env.rank == 0:
-        common.download(url, check=common.load_checkpoint)
-    if env.distributed:
-        dist.barrier()
-    return common.download(url)
+    # --prompt-file extends args.prompt, so an empty file gives [] and then "no prompts"
+    return args.prompt is not None or args.caption_features
 
 
 def load_models(args):
-    """sample.py's flags (a parse_args namespace) -> (GPT, tokenizer, info), the GPT on its device
-    and precision: --gpt-ckpt (ours or an official file) or the released file of --model and
-    --image-size, and --vq-ckpt or the released VQ. Fills in the defaults that depend on the model
-    (cfg_scale, top_k, image_size_eval). info: env (common.Env), name (the GPT file's stem, for
-    output names), image_size (the GPT's own, in pixels), decode_fn (the compiled decode step
-    with --compile, else None) and passes (forward passes of each gpt.generate call)."""
+    """sample.py's flags (a parse_args namespace) -> models (see the module docstring), the GPT
+    on its device and in its precision. Fills in what depends on the model: image_size (the
+    GPT's own), cfg_scale, top_k, image_size_eval, mixed_precision."""
     env = common.setup(args.mixed_precision)
     kind = "t2i" if wants_text(args) else "c2i"  # prompts pick the text-to-image releases
-    repo, vq_file, default, files = RELEASED[kind]
+    repo, vq_file, default, files, cfg_scale, top_k = RELEASED[kind]
     if not args.gpt_ckpt:  # own checkpoints have no preset name
         args.model = args.model or default
     size = args.image_size or 256
     gpt_file = args.gpt_ckpt or files.get(f"{args.model} {size}")
     if not gpt_file:  # before any download
         raise UserError(
-            f"no released {kind} {args.model} {size}; released: {', '.join(files)}; "
-            "or pass --gpt-ckpt"
+            f"no released {kind} {args.model} {size} (released: {', '.join(files)}); or pass "
+            "--gpt-ckpt"
         )
-    ckpt = common.load_checkpoint(args.gpt_ckpt or fetch(repo, gpt_file, env))
+    # rank 0 downloads, the others then find the file cached; it must load as a checkpoint
+    fetch = lambda name: common.rank0_first(
+        env, common.download, common.hf_url(repo, name), check=common.load_checkpoint
+    )
+    ckpt = common.load_checkpoint(args.gpt_ckpt or fetch(gpt_file))
     # trained on the codes of which tokenizer? The config of ours says so before any download
     # (official files carry none); VQConfig() is VQ-16, the released tokenizer
     if not args.vq_ckpt and ckpt.get("vq_config") not in (None, vars(vq.VQConfig())):
         raise UserError(f"{gpt_file} was trained on codes of its own tokenizer; pass its --vq-ckpt")
-    vq_path = args.vq_ckpt or fetch(repo, vq_file, env)
+    vq_path = args.vq_ckpt or fetch(vq_file)
     tokenizer = data.load_tokenizer(vq_path, env.device)
     downsample = tokenizer.config.downsample
     try:  # an official file gets its block size from the image size and the tokenizer (ours
@@ -165,39 +199,42 @@ def load_models(args):
             f"{name} was trained on the codes of another tokenizer than {vq_path}; pass its "
             "--vq-ckpt (--any-tokenizer skips the sha256 check)"
         )
-    # a grid: strong guidance, top-k 2000 (sample_c2i.py); FID: the paper's cfg per released
-    # model, no top-k, 256 px for the ADM evaluator; text: sample_t2i.py's cfg 7.5, top-k 1000
-    t2i, fid = kind == "t2i", args.num_samples is not None
+    # a grid: the release table's cfg and top-k; FID (c2i only): the paper's cfg per released
+    # model, no top-k, 256 px for the ADM evaluator. Only flags given on the command line are
+    # in args (default=SUPPRESS), and they win
+    fid = args.num_samples is not None
     defaults = dict(
-        cfg_scale=7.5 if t2i else FID_CFG.get(args.model, 1.5) if fid else 4.0,
-        top_k=1000 if t2i else 0 if fid else 2000,
+        cfg_scale=FID_CFG.get(args.model, 1.5) if fid else cfg_scale,
+        top_k=0 if fid else top_k,
         image_size_eval=min(image_size, 256) if fid else image_size,
     )
-    vars(args).update({k: v for k, v in defaults.items() if vars(args)[k] is None})
-    args.image_size, args.mixed_precision = image_size, env.precision  # as resolved
-    # the official casts the whole GPT (h.11) to the autocast dtype; RMSNorm, RoPE and the
-    # logits stay fp32 inside
+    # the resolved image size and precision are part of the .npz meta
+    vars(args).update(
+        {**defaults, **vars(args)}, image_size=image_size, mixed_precision=env.precision
+    )
+    # the whole GPT in the autocast dtype, as the official (h.11); RMSNorm, RoPE, logits: fp32
     model.to(env.device, getattr(env.ctx, "fast_dtype", None))
     common.print0(
         f"{name}: {image_size}px -> {args.image_size_eval}px, cfg {args.cfg_scale}, top-k "
         f"{args.top_k}, top-p {args.top_p}, temperature {args.temperature}, Jacobi window "
         f"{args.jacobi_window}; {env}"
     )
-    info = argparse.Namespace(env=env, name=name, image_size=image_size, passes=[], decode_fn=None)
-    if args.compile:  # the script, not the library, decides to compile (gpt-fast generate.py)
-        info.decode_fn = torch.compile(gpt.decode_one_token, mode="reduce-overhead", fullgraph=True)
-    return model, tokenizer, info
+    # the script, not the library, decides to compile (gpt-fast generate.py)
+    step = gpt.decode_one_token
+    step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if args.compile else None
+    return argparse.Namespace(
+        gpt=model, vq=tokenizer, env=env, name=name, decode_fn=step, passes=[]
+    )
 
 
 def parse_labels(items, num_classes):
     """Class ids or ImageNet class names ("golden retriever", any synonym) -> list of ids."""
     names = [line.split(", ") for line in CLASS_NAMES.read_text().lower().splitlines()]
     labels = []
-    for item in items:
-        key = item.lower()
-        hits = [int(key)] if key.isdigit() else [i for i, n in enumerate(names) if key in n]
+    for item in map(str.lower, items):
+        hits = [int(item)] if item.isdigit() else [i for i, n in enumerate(names) if item in n]
         if len(hits) != 1 or hits[0] >= num_classes:  # no class, several, or not this model's
-            near = [f"{i}: {n[0]}" for i, n in enumerate(names) if any(key in s for s in n)][:6]
+            near = [f"{i}: {n[0]}" for i, n in enumerate(names) if any(item in s for s in n)][:6]
             raise UserError(
                 f"--labels {item!r} is not one class of this model (ids 0..{num_classes - 1}"
                 f"; ImageNet names: {'; '.join(near) or 'see imagenet_classes.txt'})"
@@ -207,19 +244,19 @@ def parse_labels(items, num_classes):
 
 
 @torch.no_grad()
-def draw(args, model, tokenizer, info, generator, cond, mask=None, prefix=None):
+def draw(args, models, generator, cond, mask=None, prefix=None):
     """One gpt.generate call: cond = labels (B,) or caption features (B, 120, D) with their mask
     (B, 120); prefix (B, K) image tokens to keep -> images (B, 3, S, S) in [-1, 1], S the GPT's
-    own size. Adds the call's forward passes to info.passes."""
+    own size. Adds the call's forward passes to models.passes."""
     stats = {}
-    with info.env.ctx:
+    with models.env.ctx:
         tokens = gpt.generate(
-            model,
+            models.gpt,
             cond,
             args.cfg_scale,
             args.cfg_interval,
             mask,
-            info.decode_fn,
+            models.decode_fn,
             args.jacobi_window,
             prefix,
             stats,
@@ -228,69 +265,69 @@ def draw(args, model, tokenizer, info, generator, cond, mask=None, prefix=None):
             top_k=args.top_k,
             top_p=args.top_p,
         )  # (B, block_size)
-    info.passes.append(stats["forward_passes"])
-    return tokenizer.decode_code(tokens)  # the VQ decodes in fp32, as the official
+    models.passes.append(stats["forward_passes"])
+    return models.vq.decode_code(tokens)  # the VQ decodes in fp32, as the official
 
 
 def resize(args, images):
     """(B, 3, S, S) -> (B, 3, E, E), E = --image-size-eval: bicubic, antialiased or as the
     official (without); the identity when E = S."""
-    size = (args.image_size_eval,) * 2
-    return F.interpolate(images, size, mode="bicubic", antialias=args.resize_filter == "antialias")
+    antialias = args.resize_filter == "antialias"
+    return F.interpolate(images, args.image_size_eval, mode="bicubic", antialias=antialias)
 
 
 @torch.no_grad()
-def draw_grid(args, model, tokenizer, info, pictures=()):
+def draw_grid(args, models, pictures=()):
     """The images of a grid -> (images (N, 3, S, S) in [-1, 1] at the GPT's size, images per row).
     One image per --labels entry (default: the demo classes) or prompt, in batches of
     --batch-size from --seed. With pictures (PIL images): per picture a row of the picture, its
     first --keep-rows token rows (decoded, the rest grey), and one completion per label/prompt."""
-    c, device, g = model.config, info.env.device, model.config.grid_size
+    c, device = models.gpt.config, models.env.device
     if wants_text(args):
         cond, mask = text.caption_condition(args, c, device)
     else:  # the demo classes of sample_c2i.py, or a small model's first ones
         n = c.num_classes
         ids = parse_labels(args.labels or DEMO_LABELS, n) if args.labels or n == 1000 else range(8)
         cond = mask = torch.tensor(ids, device=device) % n  # a c2i GPT ignores the mask
-    codes = cond.new_zeros(1, 0, 0)  # (P, K, g) kept tokens: none
+    g, codes = c.grid_size, cond.new_zeros(1, 0, 0)  # (P, K, g) kept tokens: none
     if pictures:
         if args.keep_rows >= g:
             raise UserError(f"--keep-rows must be below {g}, the GPT's token rows")
         originals = torch.stack(
-            [data.pil_to_tensor(data.center_crop_arr(p, info.image_size)) for p in pictures]
+            [data.pil_to_tensor(data.center_crop_arr(p, args.image_size)) for p in pictures]
         ).to(device)  # (P, 3, S, S)
-        codes = tokenizer.encode(originals)[-1].view(-1, g, g)[:, : args.keep_rows]  # raster
+        codes = models.vq.encode(originals)[-1].view(-1, g, g)[:, : args.keep_rows]  # raster
     # every condition with every picture, condition-major: (B * P, ...)
     count, n = len(codes), len(cond)
     parts = cond.repeat_interleave(count, 0), mask.repeat_interleave(count, 0)
     batches = zip(*(x.split(args.batch_size) for x in (*parts, codes.flatten(1).repeat(n, 1))))
     generator = torch.Generator(device).manual_seed(args.seed)
-    images = torch.cat([draw(args, model, tokenizer, info, generator, *b) for b in batches])
+    images = torch.cat([draw(args, models, generator, *batch) for batch in batches])
     if not pictures:
         return images, min(args.nrow, n)
-    kept = tokenizer.decode_code(codes)  # (P, 3, K * ds, S), then grey (0) below
-    kept = F.pad(kept, (0, 0, 0, info.image_size - kept.shape[2]))
+    kept = models.vq.decode_code(codes)  # (P, 3, K * ds, S), then grey (0) below
+    kept = F.pad(kept, (0, 0, 0, args.image_size - kept.shape[2]))
     # rows: originals, kept parts, one row per condition; transposed, a row per picture
     grid = torch.cat([originals, kept, images]).unflatten(0, (-1, count)).transpose(0, 1)
     return grid.flatten(0, 1), n + 2
 
 
-def write_npz(args, model, tokenizer, info, out):
+def write_npz(args, models, out):
     """args.num_samples images for FID in one .npz, the ADM evaluator's format: arr_0 uint8
     (N, H, W, 3), arr_1 labels (N,), meta (JSON). Labels are class-balanced (N / K each) in a
     seeded shuffle. Shard i, images [i*B, (i+1)*B), draws from its own seed straight into a
     memmap, then leaves a .done file: a restart (or another GPU count) draws exactly the missing
     shards, and the result does not depend on the number of ranks; the shard folder goes once
     merged. Under torchrun across nodes, --out must be on a filesystem that all of them share."""
-    n, batch, size, env = args.num_samples, args.batch_size, args.image_size_eval, info.env
+    n, batch, size, env = args.num_samples, args.batch_size, args.image_size_eval, models.env
     if out.exists():
         return common.print0(f"{out} already exists; delete it to draw again")
     # what the images depend on: a restart must match it (--out and --compile do not count); the
     # GPT's own config, not the --model flag, says which model drew them
-    meta = {**vars(args), "out": None, "compile": None, "model": vars(model.config)}
-    meta["resize_filter"] = args.resize_filter if size != info.image_size else "none"
-    k = model.config.num_classes
-    classes = parse_labels(args.labels, k) if args.labels else range(k)
+    meta = {**vars(args), "out": None, "compile": None, "model": vars(models.gpt.config)}
+    meta["resize_filter"] = args.resize_filter if size != args.image_size else "none"
+    k = models.gpt.config.num_classes  # --labels, or every class
+    classes = parse_labels(args.labels or map(str, range(k)), k)
     labels = np.random.default_rng(args.seed).permutation(np.resize(classes, n))  # (N,)
     shards, folder = -(-n // batch), out.with_name(f"{out.stem}-shards")
     if env.rank == 0 and not (folder / "meta.json").exists():  # a fresh start: images, then meta
@@ -305,18 +342,16 @@ def write_npz(args, model, tokenizer, info, out):
             f"{folder} holds images drawn with other settings; delete it or change --out"
         )
     images = np.load(folder / "images.npy", mmap_mode="r+")  # (N, S, S, 3)
-    todo = [
-        i
-        for i in range(env.rank, shards, env.world_size)
-        if not (folder / f"{i:05d}.done").exists()
-    ]
-    for i in tqdm(todo, desc=f"{len(todo)} shards of {folder}", disable=env.rank != 0):
+    for i in tqdm(range(env.rank, shards, env.world_size), folder.name, disable=env.rank != 0):
+        done = folder / f"{i:05d}.done"
+        if done.exists():  # drawn before a restart
+            continue
         rows = slice(i * batch, (i + 1) * batch)
         gen = torch.Generator(env.device).manual_seed(args.seed * shards + i)
         y = torch.tensor(labels[rows], device=env.device)
-        images[rows] = data.to_uint8(resize(args, draw(args, model, tokenizer, info, gen, y)))
+        images[rows] = data.to_uint8(resize(args, draw(args, models, gen, y)))
         images.flush()  # on disk before the shard counts as done
-        (folder / f"{i:05d}.done").touch()
+        done.touch()
     if env.distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -327,13 +362,14 @@ def write_npz(args, model, tokenizer, info, out):
 
 
 def main(args):
-    fid, kind = args.num_samples is not None, ".npz" if args.num_samples else ".png"
+    fid = args.num_samples  # an .npz for FID, else a .png grid
+    kind = ".npz" if fid else ".png"
     if wants_text(args) and args.labels or fid and (wants_text(args) or args.complete):
         raise UserError(
             "prompts take no --labels, and --num-samples (class-conditional, for FID) takes no "
             "prompts and no --complete"
         )
-    if (args.cfg_scale or 1) < 1:
+    if vars(args).get("cfg_scale", 1) < 1:
         print(f"warning: --cfg-scale {args.cfg_scale} < 1 turns guidance off", file=sys.stderr)
     # before any download or sampling: --out is of the kind this run writes (a grid is a .png,
     # --num-samples writes an .npz), in a folder it can write to
@@ -345,76 +381,58 @@ def main(args):
         tempfile.TemporaryFile(dir=out.parent).close()  # a file there, removed on close
     except OSError as e:
         raise UserError(f"cannot write to {out.parent} ({e.strerror})") from None
-    pictures = [data.load_image(path) for path in args.complete or []]
-    model, tokenizer, info = load_models(args)
-    settings = f"size{args.image_size_eval}-cfg{args.cfg_scale}-topk{args.top_k}"
-    tag = f"{settings}-seed{args.seed}-n{args.num_samples}" if fid else f"seed{args.seed}"
-    out = Path(args.out or f"samples/{info.name}-{tag}{kind}")
+    models = load_models(args)
+    # the default name says what the images depend on
+    settings = f"-size{args.image_size_eval}-cfg{args.cfg_scale}-topk{args.top_k}"
+    tag = f"{settings}-seed{args.seed}-n{args.num_samples}" if fid else f"-seed{args.seed}"
+    out = Path(args.out or f"samples/{models.name}{tag}{kind}")
     if fid:
-        write_npz(args, model, tokenizer, info, out)
+        write_npz(args, models, out)
     else:
-        images, nrow = draw_grid(args, model, tokenizer, info, pictures)
+        images, nrow = draw_grid(args, models, args.complete or ())  # PIL images
         data.save_image_grid(resize(args, images), out, nrow)
     # sequential forward passes per image: block_size without a Jacobi window (none drawn when
     # the .npz was there)
-    common.print0(out, f"({np.mean(info.passes or [0]):g} forward passes per image)")
+    common.print0(out, f"({np.mean(models.passes or [0]):g} forward passes per image)")
     return out
-
-
-def number(cast, low, high=float("inf")):
-    """argparse type: a `cast` number in [low, high] (an error says which range); a ValueError
-    becomes argparse's "invalid parse value"."""
-
-    def parse(text):
-        if not low <= cast(text) <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
-        return cast(text)
-
-    return parse
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="draw images from LlamaGen: a PNG grid, an FID .npz or image completions",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    positive, count = number(int, 1), number(int, 0)
-
-    def add(flag, kind=None, default=None, text=None, **kwargs):  # type, default, help
-        p.add_argument(flag, type=kind, default=default, help=text, **kwargs)
-
-    add(
-        "--model",
-        functools.partial(common.preset, gpt.GPT_CONFIGS),
-        None,
-        "released preset: B, L, XL... (else B; t2i XL)",
-    )
-    add("--image-size", positive, None, "released 256/384 (t2i 256/512); else 256")
-    add("--gpt-ckpt", text="local GPT file, ours or official (then no --model)")
-    add("--vq-ckpt", text="local VQ file; default: the released VQ-16")
-    p.add_argument("--any-tokenizer", action="store_true", help="skip the tokenizer sha256 check")
-    add("--labels", text="class ids or ImageNet names (else demo classes)", nargs="+")
-    add("--prompt", text="text-to-image prompts", nargs="+", action="extend")
-    add("--prompt-file", text="text-to-image prompts, one per line")
-    add("--caption-features", text=".pt/.npz with emb (B, 120, 2048) + mask")
-    add("--t5-path", text="local google/flan-t5-xl folder (default: HF cache)")
-    add("--cfg-scale", float, None, "else 4.0 (grid), 7.5 (t2i), the model's FID cfg (.npz)")
-    add("--cfg-interval", float, -1, "guide steps <= this (-1: all)")
-    add("--temperature", number(float, 0), 1.0, "softmax temperature")
-    add("--top-k", count, None, "else 2000 (grid), 1000 (t2i), 0 = off (.npz)")
-    add("--top-p", number(float, 0, 1), 1.0, "nucleus sampling (1: off)")
-    add("--jacobi-window", count, 0, "draft tokens per forward pass (0: off)")
-    add("--seed", int, 0, "the same seed draws the same images")
-    add("--mixed-precision", text="else bf16 (GPU), fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
-    add("--batch-size", positive, 32, "images per generate call")
-    add("--nrow", positive, 4, "images per grid row")
-    add("--complete", text="images whose top rows the GPT completes", nargs="+")
-    add("--keep-rows", positive, 8, "token rows that --complete keeps")
-    add("--num-samples", positive, None, "write an FID .npz of this many images")
-    add("--image-size-eval", positive, None, "resize to this (else .npz: 256)")
-    add("--resize-filter", None, "antialias", "bicubic", choices=["antialias", "official"])
-    add("--out", text="output .png (a grid) or .npz (with --num-samples)")
+    positive, count = common.number(int, 1), common.number(int, 0)
+    by_model = argparse.SUPPRESS  # no default here: load_models fills in the model's
+    for flag, (kind, default) in {  # flag: (type, default); what each means: the docstring
+        "--model": (functools.partial(common.preset, gpt.GPT_CONFIGS), None),
+        "--image-size": (positive, None),
+        "--cfg-scale": (float, by_model),
+        "--cfg-interval": (float, -1.0),
+        "--temperature": (common.number(float, 0), 1.0),
+        "--top-k": (count, by_model),
+        "--top-p": (common.number(float, 0, 1), 1.0),
+        "--jacobi-window": (count, 0),
+        "--seed": (int, 0),
+        "--batch-size": (positive, 32),
+        "--nrow": (positive, 4),
+        "--keep-rows": (positive, 8),
+        "--num-samples": (positive, None),
+        "--image-size-eval": (positive, by_model),
+    }.items():
+        text = "default: set by the model" if default is by_model else "default: %(default)s"
+        p.add_argument(flag, type=kind, default=default, help=text)
+    for flag in "--gpt-ckpt --vq-ckpt --caption-features --t5-path --out".split():
+        p.add_argument(flag)  # a path, none by default
+    for flag in "--any-tokenizer --compile".split():
+        p.add_argument(flag, action="store_true")
+    p.add_argument("--labels", nargs="+")
+    p.add_argument("--prompt", nargs="+", action="extend")
+    # argparse opens the file (one line for one it cannot); its lines join --prompt
+    p.add_argument("--prompt-file", type=argparse.FileType(), dest="prompt", action="extend")
+    # read here, before any download: a file that is not an image stops the run in one line
+    p.add_argument("--complete", type=data.load_image, nargs="+")
+    p.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--resize-filter", choices=["antialias", "official"], default="antialias")
     return p.parse_args(argv)
 
 

@@ -25,6 +25,19 @@ caption_features.f16, the T5 tokens of all captions back to back as a raw float1
 (total_tokens, 2048) memmap, record i's at the cumulative sum of the lengths before it: ~60 KB
 per 15-token caption instead of 0.5 MB for a padded (120, 2048) row, and no file per caption.
 Extraction is resumable (rerun the same command) and single-process.
+
+Flags of `text.py extract` (their defaults follow below, with --help):
+  --data-path           a .jsonl file, or a folder of them: {"image_path": ..., "text": ...} per
+                        line, image paths relative to the file
+  --code-path           the store folder to write (or to finish)
+  --vq-ckpt             the tokenizer that makes the codes
+  --image-size          the centre crop, in pixels; smaller images count as bad
+  --caption-key         which caption of the official [blip, llava, llava_first] lists (or its
+                        index), or which key of a {"blip": ...} dict
+  --trunc-caption       keep only the caption's first sentence (the text before the first ".")
+  --t5-path             a local copy of google/flan-t5-xl; none: the Hugging Face cache
+  --batch-size          records per batch (T5 and the tokenizer)
+  --num-workers         image loader processes (default: this machine's spare cores)
 """
 
 import argparse
@@ -83,7 +96,7 @@ _CLEAN_RULES = [
 ]
 
 
-def clean_caption(text: str) -> str:
+def clean_caption(text):
     """Lower-case a caption; strip URLs, HTML, CJK, ids, shop spam and odd symbols (twice, as the
     official: the first pass can leave new noise, e.g. a tag behind an escaped entity)."""
     for _ in range(2):
@@ -99,10 +112,10 @@ def clean_caption(text: str) -> str:
 # The T5 encoder: captions -> right-aligned features (B, 120, D) and masks (B, 120)
 
 
-def left_pad(emb: torch.Tensor, mask: torch.Tensor):
+def left_pad(emb, mask):
     """Move the valid tokens of each row to the right end, keeping their order; zero the padding.
     (B, S, D), (B, S) -> same shapes, the mask as bool."""
-    order = mask.int().argsort(dim=1, stable=True)  # (B, S): pads first, then tokens, in order
+    order = mask.argsort(dim=1, stable=True)  # (B, S): pads first, then tokens, in order
     mask = mask.bool().take_along_dim(order, 1)
     return emb.take_along_dim(order[..., None], 1) * mask[..., None], mask  # indices broadcast
 
@@ -112,17 +125,11 @@ class TextEncoder:
     copy at `path`; encode() gives the official left-padded caption features."""
 
     def __init__(self, path=None, device="cpu"):
-        try:  # optional: only text-to-image needs it
-            import transformers
-        except ImportError:
-            raise UserError(
-                "text prompts need the optional package transformers (pip install transformers "
-                f"sentencepiece) and the {T5_MODEL} encoder (fetched into the Hugging Face cache "
-                "on first use, or --t5-path DIR)"
-            ) from None
         name = str(path or T5_MODEL)
         dtype = torch.bfloat16 if "cuda" in str(device) else torch.float32  # as the official
         try:  # the cache first (no hub request at all when the files are there), then the hub
+            import transformers  # optional: only text-to-image needs it (an ImportError if absent)
+
             for cached in (True, False):
                 try:  # loading in the dtype (not .to(dtype) after) keeps T5's `wo` layers in
                     # fp32, as the official; transformers 5 calls it `dtype`, takes `torch_dtype`
@@ -142,11 +149,13 @@ class TextEncoder:
                     urllib.request.urlopen(
                         common.hf_url(T5_MODEL, "config.json"), timeout=5
                     ).close()
-        except (OSError, ValueError) as e:  # URLError is an OSError; ValueError: a bad name
+        # no transformers; not in the cache, a bad folder (URLError is an OSError); a bad name
+        except (ImportError, OSError, ValueError) as e:
             raise UserError(
-                f"cannot load the text encoder {name} ({str(e).splitlines()[0][:200]}); "
-                f"{T5_MODEL} downloads into the Hugging Face cache once, online (~11 GB), or "
-                "pass --t5-path DIR with a copy of it"
+                f"cannot load the text encoder {name} ({str(e).splitlines()[0][:200]}); text "
+                "prompts need the optional packages transformers and sentencepiece (pip install "
+                f"transformers sentencepiece), and {T5_MODEL} downloads into the Hugging Face "
+                "cache once, online (~11 GB), or pass --t5-path DIR with a copy of it"
             ) from None
         # from_pretrained gives the model in eval mode
         self.model, self.dim = model.to(device), model.config.d_model  # 2048 for flan-t5-xl
@@ -163,19 +172,20 @@ class TextEncoder:
             truncation=True,
             return_tensors="pt",
         ).to(self.model.device)
-        out = self.model(**tokens)  # input_ids and attention_mask
-        return left_pad(out.last_hidden_state.float(), tokens.attention_mask)
+        emb = self.model(**tokens).last_hidden_state  # from input_ids and attention_mask
+        return left_pad(emb.float(), tokens.attention_mask)
 
 
 def caption_condition(args, config, device):
     """sample.py's text condition -> (emb (B, cls_token_num, caption_dim), mask (B, cls_token_num))
     on device: --caption-features (a .pt or .npz with emb (B, S, D) and mask (B, S), or one
-    caption's (S, D) and (S,)), or the --prompt texts and --prompt-file lines through T5."""
+    caption's (S, D) and (S,)), or the --prompt texts (sample.py's argparse adds the lines of
+    --prompt-file to them) through T5."""
     path = args.caption_features
     if path:
         try:
-            obj = np.load(path) if path.endswith(".npz") else torch.load(path, weights_only=True)
-            emb, mask = torch.as_tensor(obj["emb"]).float(), torch.as_tensor(obj["mask"])
+            obj = np.load(path) if path.endswith(".npz") else common.load_checkpoint(path)
+            emb, mask = (torch.as_tensor(obj[key]) for key in ("emb", "mask"))
             if emb.ndim == 2:  # one caption (S, D) and (S,): a batch of one
                 emb, mask = emb[None], mask[None]
             emb, mask = left_pad(emb, mask)
@@ -185,11 +195,7 @@ def caption_condition(args, config, device):
                 f"torch.save(dict(emb=..., mask=...)) ({type(e).__name__}: {e})"
             ) from None
     else:
-        try:
-            lines = Path(args.prompt_file).read_text().splitlines() if args.prompt_file else []
-        except OSError as e:
-            raise UserError(f"cannot read --prompt-file ({e})") from None
-        prompts = [p.strip() for p in (args.prompt or []) + lines if p.strip()]
+        prompts = [p.strip() for p in args.prompt if p.strip()]  # file lines end in "\n"
         if not prompts:
             raise UserError('no prompts: pass --prompt "a photo of a cat" or a --prompt-file')
         emb, mask = TextEncoder(args.t5_path, device).encode(prompts)  # freed on return
@@ -200,7 +206,7 @@ def caption_condition(args, config, device):
             f"{config.cls_token_num}, caption_dim {config.caption_dim}); {T5_MODEL} gives "
             "(B, 120, 2048)"
         )
-    return F.pad(emb, (0, 0, pad, 0)).to(device), F.pad(mask, (pad, 0)).to(device)
+    return F.pad(emb.float(), (0, 0, pad, 0)).to(device), F.pad(mask, (pad, 0)).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +224,7 @@ def read_jsonl(data_path, key="blip", trunc=False):
             for line in filter(str.strip, f.read_text().splitlines()):
                 record = json.loads(line)
                 text = record.get("text")
-                if isinstance(text, list):
+                if isinstance(text, list):  # the official [blip, llava, llava_first]
                     i = CAPTION_KEYS.index(key) if key in CAPTION_KEYS else int(key)
                     text = dict(enumerate(text)).get(i)
                 elif isinstance(text, dict):
@@ -241,21 +247,18 @@ def load_records(records, size):
     captions (b strings; "" = none). A bad image (unreadable, or under S on its short side: the
     official t2i data drops those) gives zeros, ok False and no caption, so the store keeps one
     row per record."""
-    out = []
-    for path, caption in records:
+
+    def load(path, caption):
         img = data.load_image(path, skip_bad=True)  # None (and a warning) when unreadable
-        ok = img is not None and min(img.size) >= size
-        crop = (
-            data.pil_to_tensor(data.center_crop_arr(img, size))
-            if ok
-            else torch.zeros(3, size, size)
-        )
-        out.append((crop, ok, caption if ok else ""))
-    return torch.utils.data.default_collate(out)
+        if img is None or min(img.size) < size:
+            return torch.zeros(3, size, size), False, ""
+        return data.pil_to_tensor(data.center_crop_arr(img, size)), True, caption
+
+    return torch.utils.data.default_collate([load(*record) for record in records])
 
 
 @torch.inference_mode()
-def extract(args, encoder=None) -> dict:
+def extract(args, encoder=None):
     """JSON-lines captions + images -> the store at args.code_path, resuming an interrupted run
     (official extract_t5_feature.py + extract_codes_t2i.py in one pass) -> its meta."""
     from tqdm import tqdm
@@ -303,12 +306,13 @@ def extract(args, encoder=None) -> dict:
             feats.flush()
             done = rows.stop
             common.write_json({**meta, "num_done": done}, out / "meta.json")
+    usable = lengths > 0  # a readable image with a caption (a bad image has no caption tokens)
     meta.update(
         num_done=n,
         num_tokens=int(lengths.sum()),
         bad_images=int((~valid).sum()),
-        missing_captions=int((valid & (lengths == 0)).sum()),
-        num_valid=int((lengths > 0).sum()),  # a bad image has no caption tokens
+        missing_captions=int((valid & ~usable).sum()),
+        num_valid=int(usable.sum()),
         complete=True,
     )
     common.write_json(meta, out / "meta.json")
@@ -329,29 +333,30 @@ class CaptionCodeDataset(torch.utils.data.Dataset):
         self.path, self.meta = Path(code_path), data.read_code_meta(code_path)
         if not self.meta.get("complete"):
             raise UserError(f"the extraction into {code_path} did not finish; rerun it to resume")
-        lengths = np.load(self.path / "caption_lengths.npy")  # (N,) caption tokens per row
-        self.ends = np.cumsum(lengths)  # (N,) where each caption ends in the features
-        self.valid = np.load(self.path / "valid.npy") & (lengths > 0)  # (N,) image and caption
-        # stores made before issue 12 kept the caption tokens of a bad image: never read them
-        self.lengths = lengths * self.valid
+        # (N,) caption tokens per row: 0 for no caption and for a bad image (load_records), so
+        # a row is usable iff it has tokens (valid.npy only feeds extract's counts); and where
+        # each caption ends in the features
+        self.lengths = np.load(self.path / "caption_lengths.npy")
+        self.ends = np.cumsum(self.lengths)
         self.codes = None  # memmaps, opened in each DataLoader worker (a memmap pickles as a copy)
 
     def __len__(self):
-        return len(self.valid)
+        return len(self.lengths)
 
-    def captions(self, n: int = 8):
+    def captions(self, n):
         """(emb (n, 120, D), mask (n, 120)) of the first n usable records, e.g. for sample grids."""
-        rows = [self[0, i] for i in np.flatnonzero(self.valid)[:n]]
+        rows = [self[0, i] for i in np.flatnonzero(self.lengths)[:n]]
         return torch.utils.data.default_collate(rows)[1:3]
 
     def __getitem__(self, key):
         i, slots = key[1], self.meta["max_tokens"]
         if self.codes is None:
             self.codes = np.load(self.path / "codes.npy", mmap_mode="r")
-            features = np.memmap(self.path / "caption_features.f16", np.float16, "r")
-            self.features = features.reshape(-1, self.meta["caption_dim"])  # (total tokens, D)
-        n = self.lengths[i]
-        emb = torch.tensor(self.features[self.ends[i] - n : self.ends[i]]).float()  # (n, D)
+            self.features = np.memmap(  # (total tokens, D) float16
+                self.path / "caption_features.f16", np.float16, "r"
+            ).reshape(-1, self.meta["caption_dim"])
+        n, end = self.lengths[i], self.ends[i]
+        emb = torch.tensor(self.features[end - n : end]).float()  # (n, D)
         mask = torch.arange(slots) >= slots - n  # right-aligned: the last n slots hold the caption
         codes = torch.tensor(self.codes[i]).long()  # (h*w,), copied out of the memmap
         return codes, F.pad(emb, (0, 0, slots - n, 0)), mask, bool(n)
@@ -362,29 +367,22 @@ class CaptionCodeDataset(torch.utils.data.Dataset):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="text-to-image data: T5 features + codes")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser(  # its own formatter: subparsers do not inherit it
-        "extract",
-        help="T5 caption features + token codes (resumable)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # --help shows the defaults
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for flag, help in [
-        ("--data-path", ".jsonl file or folder of them: image_path, text"),
-        ("--code-path", "output store folder"),
-        ("--vq-ckpt", "the tokenizer of the codes"),
-    ]:
-        ex.add_argument(flag, required=True, help=help)
-    for flag, default, help in [
-        ("--image-size", 256, "centre crop, px"),
-        ("--batch-size", 32, "records per batch"),
-        ("--num-workers", common.NUM_WORKERS, "image loader processes"),
-    ]:
-        ex.add_argument(flag, type=int, default=default, help=help)
-    ex.add_argument("--caption-key", default="blip", help="blip, llava, llava_first or an index")
-    ex.add_argument("--trunc-caption", action="store_true", help="only the text before the 1st .")
-    ex.add_argument("--t5-path", help=f"local copy of {T5_MODEL}; none: the Hugging Face cache")
-    return parser.parse_args(argv)
+    p.add_argument("command", choices=["extract"])  # the one command so far
+    for flag in "--data-path --code-path --vq-ckpt".split():
+        p.add_argument(flag, required=True)
+    for flag, default in {
+        "--image-size": 256,
+        "--batch-size": 32,
+        "--num-workers": common.NUM_WORKERS,
+        "--caption-key": "blip",
+    }.items():
+        p.add_argument(flag, type=type(default), default=default, help="default: %(default)s")
+    p.add_argument("--trunc-caption", action="store_true")
+    p.add_argument("--t5-path")
+    return p.parse_args(argv)
 
 
 def main(args):

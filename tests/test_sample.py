@@ -164,12 +164,14 @@ def cli_error(argv, capsys):
         (["--num-samples", "8", "--out", "x.png"], "--num-samples writes an .npz"),
         (["--out", "file.txt/x.png"], "cannot write to file.txt"),  # a file as the folder
         (["--complete", "missing.png"], "cannot read image missing.png"),
+        (["--complete", "file.txt"], "cannot read image file.txt"),
     ],
 )
 def test_flag_errors_before_any_download(argv, match, http_server, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_ENDPOINT", http_server.url)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file.txt").write_text("a file, not a folder")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")  # --complete reads its images at once
     assert re.search(match, cli_error(argv, capsys))
     assert http_server.requests == []  # nothing downloaded, nothing drawn
 
@@ -194,6 +196,7 @@ def test_unwritable_output_folder(own_ckpts, tmp_path, capsys):
         (["--nrow", "x"], "--nrow: invalid parse value: 'x'"),
         (["--model", "9B"], "unknown preset '9B'; choose GPT-B"),
         (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
+        (["--prompt-file", "missing.txt"], "--prompt-file: can't open 'missing.txt'"),
     ],
 )
 def test_argparse_rejects_bad_values(argv, match, capsys):
@@ -206,7 +209,9 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "images per grid row (default: 4)" in out and "(default: 32)" in out
+    assert "--nrow NROW default: 4" in out and "--batch-size BATCH_SIZE default: 32" in out
+    assert "--cfg-scale CFG_SCALE default: set by the model" in out
+    assert "--nrow images per grid row" in out  # the meanings: the module docstring
 
 
 @pytest.mark.parametrize(
@@ -324,16 +329,16 @@ def test_complete_keeps_the_top_token_rows(own_ckpts, tmp_path, monkeypatch):
 def test_functions_for_a_web_demo(own_ckpts):
     """demo.py's path: load once, then grids for changing labels and settings."""
     args = sample.parse_args(own_ckpts)
-    model, tokenizer, info = sample.load_models(args)
-    assert (args.cfg_scale, args.top_k, info.name, info.image_size) == (4.0, 2000, "gpt", 64)
+    models = sample.load_models(args)
+    assert (args.cfg_scale, args.top_k, models.name, args.image_size) == (4.0, 2000, "gpt", 64)
     args.labels, args.seed = ["3", "1"], 5
-    images, nrow = sample.draw_grid(args, model, tokenizer, info)
-    assert images.shape == (2, 3, 64, 64) and nrow == 2 and info.passes == [16]
+    images, nrow = sample.draw_grid(args, models)
+    assert images.shape == (2, 3, 64, 64) and nrow == 2 and models.passes == [16]
     args.cfg_scale, args.top_k = 1.0, 1  # top-k 1: greedy, so the seed does not matter
     args.seed = 6
-    again, _ = sample.draw_grid(args, model, tokenizer, info)
+    again, _ = sample.draw_grid(args, models)
     args.seed = 7
-    assert torch.equal(again, sample.draw_grid(args, model, tokenizer, info)[0])
+    assert torch.equal(again, sample.draw_grid(args, models)[0])
 
 
 def test_compile_flag_hands_a_compiled_decode_step_to_generate(own_ckpts, tmp_path, monkeypatch):
