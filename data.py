@@ -461,25 +461,31 @@ class CodeDataset(torch.utils.data.Dataset):
 def parse_args(argv=None):
     import argparse
 
-    parser = argparse.ArgumentParser(
-        description="data utilities: toy images, token-code extraction",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    from common import NUM_WORKERS
+
+    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows defaults
+    parser = argparse.ArgumentParser(description="toy images, token-code extraction", **fmt)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    toy = sub.add_parser("toy", help="write a toy class-per-folder image dataset")
+    toy = sub.add_parser("toy", help="write a toy class-per-folder image dataset", **fmt)
     toy.add_argument("root")
     for flag, default in (("--num-classes", 4), ("--per-class", 64), ("--size", 64), ("--seed", 0)):
         toy.add_argument(flag, type=int, default=default)
-    ex = sub.add_parser("extract", help="encode an image folder into token codes (resumable)")
+    ex = sub.add_parser("extract", help="encode an image folder into token codes", **fmt)
     for flag in ("--vq-ckpt", "--data-path", "--code-path"):
         ex.add_argument(flag, required=True)
-    ex.add_argument("--image-size", type=int, default=256)
-    ex.add_argument("--ten-crop", action="store_true", help="official 10 crops, else centre crop")
-    ex.add_argument("--crop-range", type=float, default=1.1, help="ten-crop source = size x this")
-    ex.add_argument("--no-flip", action="store_true", help="no mirrored crops (text, digits, maps)")
-    ex.add_argument("--batch-size", type=int, default=32, help="images per rank per batch")
-    ex.add_argument("--num-workers", type=int, default=4)
-    ex.add_argument("--skip-bad-images", action="store_true", help="mark unreadable images, go on")
+    for flag, default, about in (
+        ("--image-size", 256, "crop size; a multiple of the tokenizer's downsampling"),
+        ("--crop-range", 1.1, "ten-crop source = size x this"),
+        ("--batch-size", 32, "images per rank per batch"),
+        ("--num-workers", NUM_WORKERS, "DataLoader workers per rank"),
+    ):
+        ex.add_argument(flag, type=type(default), default=default, help=about)
+    for flag, about in (
+        ("--ten-crop", "official 10 crops, else the centre crop"),
+        ("--no-flip", "no mirrored crops: for text, digits, maps"),
+        ("--skip-bad-images", "mark unreadable images, go on"),
+    ):
+        ex.add_argument(flag, action="store_true", help=about)
     return parser.parse_args(argv)
 
 
