@@ -280,16 +280,17 @@ def open_store(path, meta: dict, arrays: dict) -> dict:
     """A code store folder: meta.json plus zero-filled .npy memmaps {name: (shape, dtype)}, made
     here when new; an existing one must have been made with the same `meta` (but data_path, which
     may move), so a resumed extraction cannot mix settings. -> the meta.json on disk. Used by
-    `data.py extract` and `text.py extract`; meta.json is written last, so it means the arrays
-    exist, and "complete" stays false until the extraction finishes (CodeDataset refuses it)."""
+    `data.py extract`, `text.py extract` and sample.py's .npz shards; meta.json is written last,
+    so it means the arrays exist, and "complete" stays false until the extraction finishes
+    (CodeDataset refuses it)."""
     path = Path(path)
     if (path / "meta.json").is_file():
         old = read_code_meta(path)
         changed = [k for k in meta if k != "data_path" and old.get(k) != meta[k]]
         if changed:
             raise UserError(
-                f"{path} holds codes made with a different {', '.join(changed)}; "
-                "pass a new --code-path or delete that folder"
+                f"{path} was made with a different {', '.join(changed)}; delete that folder "
+                "or choose another output path"
             )
         return old
     path.mkdir(parents=True, exist_ok=True)

@@ -36,11 +36,16 @@ The image size has one source per case: a released file's row of RELEASED, our c
 config (block_size x the tokenizer's downsampling), or --image-size (default 256) for an official
 file on disk, which does not record it. A GPT checkpoint of ours records the sha256 of the tokenizer
 file its codes were made with: another tokenizer is refused (--any-tokenizer skips the check), as
-its codes would mean other things to the GPT and the samples would be noise.
+its codes would mean other things to the GPT and the samples would be noise. This is also what
+stops our GPT given without its --vq-ckpt: the released VQ-16 it then gets is not its tokenizer.
 
-Everything that can be checked is checked before any download or sampling: conflicting flags, --out
-of the kind the run writes (a .png grid, an .npz with --num-samples) in a writable folder, the
-pictures to complete, a readable --prompt-file (argparse reads it).
+Everything that can be checked from the flags is checked before any download or sampling:
+conflicting flags, --out of the kind the run writes (a .png grid, an .npz with --num-samples) in a
+writable folder, the pictures to complete, a readable --prompt-file (argparse reads it).
+
+A grid is one gpt.generate call (every label or prompt, times every picture to complete);
+--batch-size only cuts an .npz into shards. The .npz shard folder is a store as data.py's code
+stores (data.open_store): a restart with other settings is refused in one line that names them.
 
 For a web page (demo.py) the steps are plain functions: `models = load_models(args)` once, then
 `draw_grid(args, models, pictures)` per request, where `args` is a parse_args namespace whose
@@ -72,7 +77,7 @@ Flags (their defaults follow below, with --help):
                         off (.npz); top-p 1: off
   --jacobi-window       draft tokens per forward pass (0: plain sampling, one pass per token)
   --seed                the same seed draws the same images
-  --batch-size          images per gpt.generate call
+  --batch-size          images per .npz shard (one gpt.generate call each)
   --nrow                images per grid row
   --complete, --keep-rows
                         pictures whose first token rows the GPT keeps and completes
@@ -81,8 +86,8 @@ Flags (their defaults follow below, with --help):
   --resize-filter       antialias (bicubic), or official (bicubic without antialiasing)
   --mixed-precision     fp32, bf16 or fp16; none given: bf16 on GPUs, fp32 on the CPU
   --compile             torch.compile the decode step (a GPU: CUDA graphs)
-  --out                 the .png grid or, with --num-samples, the .npz; none: a name under
-                        samples/ that says what the images depend on
+  --out                 the .png grid or, with --num-samples, the .npz; none:
+                        samples/<GPT file>-seed<seed>.png (.npz: its meta has the settings)
 """
 
 import argparse
@@ -103,7 +108,6 @@ import common
 import data
 import gpt
 import text
-import vq
 from common import UserError
 
 # Released weights: kind -> (Hugging Face repo, the VQ-16 tokenizer of its GPTs, the default
@@ -142,17 +146,16 @@ DEMO_LABELS = "207 360 387 974 88 979 417 279".split()  # official sample_c2i.py
 CLASS_NAMES = Path(__file__).with_name("imagenet_classes.txt")  # ILSVRC-2012 order, synonyms
 
 
-def wants_text(args):
-    # --prompt-file extends args.prompt, so an empty file gives [] and then "no prompts"
-    return args.prompt is not None or args.caption_features
-
-
 def load_models(args):
     """sample.py's flags (a parse_args namespace) -> models (see the module docstring), the GPT
     on its device and in its precision. Fills in what depends on the model: image_size (the
-    GPT's own), cfg_scale, top_k, image_size_eval, mixed_precision."""
+    GPT's own), cfg_scale, top_k, image_size_eval, mixed_precision. Prompts pick the
+    text-to-image releases (--prompt-file extends args.prompt: an empty file gives [], then
+    "no prompts", never a silent class-conditional run); --num-samples is class-conditional."""
+    kind = "t2i" if args.prompt is not None or args.caption_features else "c2i"
+    if kind == "t2i" and args.labels or args.num_samples and (kind == "t2i" or args.complete):
+        raise UserError("prompts take no --labels; --num-samples takes no prompts, no --complete")
     env = common.setup(args.mixed_precision)
-    kind = "t2i" if wants_text(args) else "c2i"  # prompts pick the text-to-image releases
     repo, vq_file, default, files, cfg_scale, top_k = RELEASED[kind]
     if not args.gpt_ckpt:  # own checkpoints have no preset name
         args.model = args.model or default
@@ -168,15 +171,11 @@ def load_models(args):
         env, common.download, common.hf_url(repo, name), check=common.load_checkpoint
     )
     ckpt = common.load_checkpoint(args.gpt_ckpt or fetch(gpt_file))
-    # trained on the codes of which tokenizer? The config of ours says so before any download
-    # (official files carry none); VQConfig() is VQ-16, the released tokenizer
-    if not args.vq_ckpt and ckpt.get("vq_config") not in (None, vars(vq.VQConfig())):
-        raise UserError(f"{gpt_file} was trained on codes of its own tokenizer; pass its --vq-ckpt")
+    # an own GPT without its --vq-ckpt gets VQ-16 here, then the sha256 check refuses it
     vq_path = args.vq_ckpt or fetch(vq_file)
     tokenizer = data.load_tokenizer(vq_path, env.device)
     downsample = tokenizer.config.downsample
-    try:  # an official file gets its block size from the image size and the tokenizer (ours
-        # carry their config, and the loader ignores it)
+    try:  # an official file's block size: from the image size and the tokenizer (ours: config)
         model = gpt.GPT.from_checkpoint(ckpt, (size // downsample) ** 2)
     except ValueError as e:  # wrong kind of file, keys or shapes: the loader says which
         raise UserError(f"cannot load the GPT {gpt_file}: {e}") from None
@@ -189,8 +188,7 @@ def load_models(args):
         )
     if args.image_size not in (None, image_size):  # ours, or not a multiple of the downsampling
         raise UserError(f"--image-size {args.image_size} does not match {gpt_file} ({image_size})")
-    # the sha256 of the tokenizer file (in checkpoints of train_gpt.py since issue 13) is sure
-    # to tell; another vocabulary size cannot be sampled at all, whatever the flags
+    # the tokenizer's sha256 (train_gpt.py, since issue 13) tells; another vocabulary size: never
     made_with = not args.any_tokenizer and ckpt.get("tokenizer_sha256")  # else no hashing
     if c.vocab_size != tokenizer.config.codebook_size or (
         made_with and made_with != common.file_digest(vq_path)
@@ -199,18 +197,18 @@ def load_models(args):
             f"{name} was trained on the codes of another tokenizer than {vq_path}; pass its "
             "--vq-ckpt (--any-tokenizer skips the sha256 check)"
         )
-    # a grid: the release table's cfg and top-k; FID (c2i only): the paper's cfg per released
-    # model, no top-k, 256 px for the ADM evaluator. Only flags given on the command line are
-    # in args (default=SUPPRESS), and they win
-    fid = args.num_samples is not None
-    defaults = dict(
-        cfg_scale=FID_CFG.get(args.model, 1.5) if fid else cfg_scale,
-        top_k=0 if fid else top_k,
-        image_size_eval=min(image_size, 256) if fid else image_size,
-    )
-    # the resolved image size and precision are part of the .npz meta
+    # a grid: the release table's cfg and top-k; FID: the paper's cfg per released model, no
+    # top-k, 256 px for the ADM evaluator. Flags given on the command line win (default=SUPPRESS)
+    fid = args.num_samples
     vars(args).update(
-        {**defaults, **vars(args)}, image_size=image_size, mixed_precision=env.precision
+        {
+            "cfg_scale": FID_CFG.get(args.model, 1.5) if fid else cfg_scale,
+            "top_k": 0 if fid else top_k,
+            "image_size_eval": min(image_size, 256) if fid else image_size,
+            **vars(args),
+        },
+        image_size=image_size,  # the resolved size and precision: part of the .npz meta
+        mixed_precision=env.precision,
     )
     # the whole GPT in the autocast dtype, as the official (h.11); RMSNorm, RoPE, logits: fp32
     model.to(env.device, getattr(env.ctx, "fast_dtype", None))
@@ -220,8 +218,11 @@ def load_models(args):
         f"{args.jacobi_window}; {env}"
     )
     # the script, not the library, decides to compile (gpt-fast generate.py)
-    step = gpt.decode_one_token
-    step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if args.compile else None
+    step = (
+        torch.compile(gpt.decode_one_token, mode="reduce-overhead", fullgraph=True)
+        if args.compile
+        else None
+    )
     return argparse.Namespace(
         gpt=model, vq=tokenizer, env=env, name=name, decode_fn=step, passes=[]
     )
@@ -229,12 +230,18 @@ def load_models(args):
 
 def parse_labels(items, num_classes):
     """Class ids or ImageNet class names ("golden retriever", any synonym) -> list of ids."""
-    names = [line.split(", ") for line in CLASS_NAMES.read_text().lower().splitlines()]
+    lines = CLASS_NAMES.read_text().lower().splitlines()  # "name, synonym, ..." per class
     labels = []
     for item in map(str.lower, items):
-        hits = [int(item)] if item.isdigit() else [i for i, n in enumerate(names) if item in n]
+        # an id, or the one class that has it as a name or synonym
+        hits = (
+            [int(item)]
+            if item.isdigit()
+            else [i for i, s in enumerate(lines) if item in s.split(", ")]
+        )
         if len(hits) != 1 or hits[0] >= num_classes:  # no class, several, or not this model's
-            near = [f"{i}: {n[0]}" for i, n in enumerate(names) if any(item in s for s in n)][:6]
+            # the classes whose names contain it, to choose from
+            near = [f"{i}: {s.split(', ')[0]}" for i, s in enumerate(lines) if item in s][:6]
             raise UserError(
                 f"--labels {item!r} is not one class of this model (ids 0..{num_classes - 1}"
                 f"; ImageNet names: {'; '.join(near) or 'see imagenet_classes.txt'})"
@@ -244,10 +251,11 @@ def parse_labels(items, num_classes):
 
 
 @torch.no_grad()
-def draw(args, models, generator, cond, mask=None, prefix=None):
+def draw(args, models, seed, cond, mask=None, prefix=None):
     """One gpt.generate call: cond = labels (B,) or caption features (B, 120, D) with their mask
     (B, 120); prefix (B, K) image tokens to keep -> images (B, 3, S, S) in [-1, 1], S the GPT's
-    own size. Adds the call's forward passes to models.passes."""
+    own size. Every random draw comes from one generator seeded with `seed`: the same seed, the
+    same images. Adds the call's forward passes to models.passes."""
     stats = {}
     with models.env.ctx:
         tokens = gpt.generate(
@@ -260,7 +268,7 @@ def draw(args, models, generator, cond, mask=None, prefix=None):
             args.jacobi_window,
             prefix,
             stats,
-            generator,
+            torch.Generator(cond.device).manual_seed(seed),
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
@@ -272,84 +280,91 @@ def draw(args, models, generator, cond, mask=None, prefix=None):
 def resize(args, images):
     """(B, 3, S, S) -> (B, 3, E, E), E = --image-size-eval: bicubic, antialiased or as the
     official (without); the identity when E = S."""
-    antialias = args.resize_filter == "antialias"
-    return F.interpolate(images, args.image_size_eval, mode="bicubic", antialias=antialias)
+    return F.interpolate(
+        images, args.image_size_eval, mode="bicubic", antialias=args.resize_filter == "antialias"
+    )
 
 
 @torch.no_grad()
-def draw_grid(args, models, pictures=()):
+def draw_grid(args, models, pictures=None):
     """The images of a grid -> (images (N, 3, S, S) in [-1, 1] at the GPT's size, images per row).
-    One image per --labels entry (default: the demo classes) or prompt, in batches of
-    --batch-size from --seed. With pictures (PIL images): per picture a row of the picture, its
-    first --keep-rows token rows (decoded, the rest grey), and one completion per label/prompt."""
+    One image per --labels entry (default: the demo classes) or prompt, all in one gpt.generate
+    call from --seed. With pictures (PIL images): per picture a row of the picture, its first
+    --keep-rows token rows (decoded, the rest grey), and one completion per label/prompt."""
     c, device = models.gpt.config, models.env.device
-    if wants_text(args):
+    if c.model_type == "t2i":
         cond, mask = text.caption_condition(args, c, device)
     else:  # the demo classes of sample_c2i.py, or a small model's first ones
-        n = c.num_classes
-        ids = parse_labels(args.labels or DEMO_LABELS, n) if args.labels or n == 1000 else range(8)
-        cond = mask = torch.tensor(ids, device=device) % n  # a c2i GPT ignores the mask
-    g, codes = c.grid_size, cond.new_zeros(1, 0, 0)  # (P, K, g) kept tokens: none
-    if pictures:
-        if args.keep_rows >= g:
-            raise UserError(f"--keep-rows must be below {g}, the GPT's token rows")
-        originals = torch.stack(
-            [data.pil_to_tensor(data.center_crop_arr(p, args.image_size)) for p in pictures]
-        ).to(device)  # (P, 3, S, S)
-        codes = models.vq.encode(originals)[-1].view(-1, g, g)[:, : args.keep_rows]  # raster
-    # every condition with every picture, condition-major: (B * P, ...)
-    count, n = len(codes), len(cond)
-    parts = cond.repeat_interleave(count, 0), mask.repeat_interleave(count, 0)
-    batches = zip(*(x.split(args.batch_size) for x in (*parts, codes.flatten(1).repeat(n, 1))))
-    generator = torch.Generator(device).manual_seed(args.seed)
-    images = torch.cat([draw(args, models, generator, *batch) for batch in batches])
+        k = c.num_classes
+        ids = parse_labels(args.labels or DEMO_LABELS, k) if args.labels or k == 1000 else range(8)
+        cond = mask = torch.tensor(ids, device=device) % k  # a c2i GPT ignores the mask
+    n = len(cond)  # labels or prompts
     if not pictures:
-        return images, min(args.nrow, n)
+        return draw(args, models, args.seed, cond, mask), min(args.nrow, n)
+    g, count = c.grid_size, len(pictures)
+    if args.keep_rows >= g:
+        raise UserError(f"--keep-rows must be below {g}, the GPT's token rows")
+    originals = torch.stack(
+        [data.pil_to_tensor(data.center_crop_arr(p, args.image_size)) for p in pictures]
+    ).to(device)  # (P, 3, S, S)
+    codes = models.vq.encode(originals)[-1].view(count, g, g)[:, : args.keep_rows]  # (P, K, g)
+    # every condition with every picture, condition-major: (n * P, ...)
+    images = draw(
+        args,
+        models,
+        args.seed,
+        cond.repeat_interleave(count, 0),
+        mask.repeat_interleave(count, 0),
+        codes.flatten(1).repeat(n, 1),
+    )
     kept = models.vq.decode_code(codes)  # (P, 3, K * ds, S), then grey (0) below
     kept = F.pad(kept, (0, 0, 0, args.image_size - kept.shape[2]))
-    # rows: originals, kept parts, one row per condition; transposed, a row per picture
-    grid = torch.cat([originals, kept, images]).unflatten(0, (-1, count)).transpose(0, 1)
-    return grid.flatten(0, 1), n + 2
+    # a grid row per picture: its original, its kept part, then its n completions
+    return torch.stack([originals, kept, *images.unflatten(0, (n, count))], 1).flatten(0, 1), n + 2
 
 
 def write_npz(args, models, out):
     """args.num_samples images for FID in one .npz, the ADM evaluator's format: arr_0 uint8
     (N, H, W, 3), arr_1 labels (N,), meta (JSON). Labels are class-balanced (N / K each) in a
-    seeded shuffle. Shard i, images [i*B, (i+1)*B), draws from its own seed straight into a
-    memmap, then leaves a .done file: a restart (or another GPU count) draws exactly the missing
-    shards, and the result does not depend on the number of ranks; the shard folder goes once
-    merged. Under torchrun across nodes, --out must be on a filesystem that all of them share."""
+    seeded shuffle. Shard i, images [i*B, (i+1)*B) with B = --batch-size, draws from its own seed
+    straight into a memmap, then leaves a .done file: a restart (or another GPU count) draws
+    exactly the missing shards, and the result does not depend on the number of ranks; the shard
+    folder goes once merged. Under torchrun across nodes, --out must be on a filesystem that all
+    of them share."""
     n, batch, size, env = args.num_samples, args.batch_size, args.image_size_eval, models.env
     if out.exists():
         return common.print0(f"{out} already exists; delete it to draw again")
     # what the images depend on: a restart must match it (--out and --compile do not count); the
     # GPT's own config, not the --model flag, says which model drew them
-    meta = {**vars(args), "out": None, "compile": None, "model": vars(models.gpt.config)}
-    meta["resize_filter"] = args.resize_filter if size != args.image_size else "none"
-    k = models.gpt.config.num_classes  # --labels, or every class
-    classes = parse_labels(args.labels or map(str, range(k)), k)
+    meta = {
+        **vars(args),
+        "out": None,
+        "compile": None,
+        "complete": False,  # never set with --num-samples; the store's own flag (see open_store)
+        "model": vars(models.gpt.config),
+        "resize_filter": args.resize_filter if size != args.image_size else "none",
+    }
+    k = models.gpt.config.num_classes
+    classes = parse_labels(args.labels, k) if args.labels else range(k)  # or every class
     labels = np.random.default_rng(args.seed).permutation(np.resize(classes, n))  # (N,)
     shards, folder = -(-n // batch), out.with_name(f"{out.stem}-shards")
-    if env.rank == 0 and not (folder / "meta.json").exists():  # a fresh start: images, then meta
-        folder.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, size, size, 3))
-        common.write_json(meta, folder / "meta.json")
-    if env.distributed:
-        dist.barrier()
-    # every rank checks: a refusal stops them all
-    if json.loads((folder / "meta.json").read_text()) != meta:
-        raise UserError(
-            f"{folder} holds images drawn with other settings; delete it or change --out"
-        )
+    # the shard folder is a store like the code stores: rank 0 makes it (or finds it made with
+    # this meta, else a one-line refusal), then every rank checks it and opens the memmap
+    common.rank0_first(
+        env, data.open_store, folder, meta, {"images": ((n, size, size, 3), np.uint8)}
+    )
     images = np.load(folder / "images.npy", mmap_mode="r+")  # (N, S, S, 3)
-    for i in tqdm(range(env.rank, shards, env.world_size), folder.name, disable=env.rank != 0):
+    # this rank's shards; a progress bar on rank 0 only (disable=rank)
+    for i in tqdm(range(env.rank, shards, env.world_size), folder.name, disable=env.rank):
         done = folder / f"{i:05d}.done"
         if done.exists():  # drawn before a restart
             continue
         rows = slice(i * batch, (i + 1) * batch)
-        gen = torch.Generator(env.device).manual_seed(args.seed * shards + i)
-        y = torch.tensor(labels[rows], device=env.device)
-        images[rows] = data.to_uint8(resize(args, draw(args, models, gen, y)))
+        # each shard its own seed: the same images whichever rank draws it
+        drawn = draw(
+            args, models, args.seed * shards + i, torch.tensor(labels[rows], device=env.device)
+        )  # (B, 3, S, S)
+        images[rows] = data.to_uint8(resize(args, drawn))
         images.flush()  # on disk before the shard counts as done
         done.touch()
     if env.distributed:
@@ -357,20 +372,12 @@ def write_npz(args, models, out):
         dist.destroy_process_group()
     if env.rank == 0:  # np.savez streams the memmap in chunks: not all N images in memory
         with common.atomic_write(out) as f:
-            np.savez(f, images, labels, meta=np.array(json.dumps(meta)))
+            np.savez(f, images, labels, meta=json.dumps(meta))  # a 0-d str array
         shutil.rmtree(folder)  # merged: the shards are no longer needed
 
 
 def main(args):
-    fid = args.num_samples  # an .npz for FID, else a .png grid
-    kind = ".npz" if fid else ".png"
-    if wants_text(args) and args.labels or fid and (wants_text(args) or args.complete):
-        raise UserError(
-            "prompts take no --labels, and --num-samples (class-conditional, for FID) takes no "
-            "prompts and no --complete"
-        )
-    if vars(args).get("cfg_scale", 1) < 1:
-        print(f"warning: --cfg-scale {args.cfg_scale} < 1 turns guidance off", file=sys.stderr)
+    kind = ".npz" if args.num_samples else ".png"  # an .npz for FID, else a .png grid
     # before any download or sampling: --out is of the kind this run writes (a grid is a .png,
     # --num-samples writes an .npz), in a folder it can write to
     out = Path(args.out or f"samples/x{kind}")
@@ -382,14 +389,14 @@ def main(args):
     except OSError as e:
         raise UserError(f"cannot write to {out.parent} ({e.strerror})") from None
     models = load_models(args)
-    # the default name says what the images depend on
-    settings = f"-size{args.image_size_eval}-cfg{args.cfg_scale}-topk{args.top_k}"
-    tag = f"{settings}-seed{args.seed}-n{args.num_samples}" if fid else f"-seed{args.seed}"
-    out = Path(args.out or f"samples/{models.name}{tag}{kind}")
-    if fid:
+    if args.cfg_scale < 1:  # now filled in
+        print(f"warning: --cfg-scale {args.cfg_scale} < 1 turns guidance off", file=sys.stderr)
+    # the default name: the GPT file and the seed (an .npz records its settings in its meta)
+    out = Path(args.out or f"samples/{models.name}-seed{args.seed}{kind}")
+    if args.num_samples:
         write_npz(args, models, out)
     else:
-        images, nrow = draw_grid(args, models, args.complete or ())  # PIL images
+        images, nrow = draw_grid(args, models, args.complete)  # PIL images
         data.save_image_grid(resize(args, images), out, nrow)
     # sequential forward passes per image: block_size without a Jacobi window (none drawn when
     # the .npz was there)
@@ -419,8 +426,8 @@ def parse_args(argv=None):
         "--num-samples": (positive, None),
         "--image-size-eval": (positive, by_model),
     }.items():
-        text = "default: set by the model" if default is by_model else "default: %(default)s"
-        p.add_argument(flag, type=kind, default=default, help=text)
+        shown = "default: set by the model" if default is by_model else "default: %(default)s"
+        p.add_argument(flag, type=kind, default=default, help=shown)
     for flag in "--gpt-ckpt --vq-ckpt --caption-features --t5-path --out".split():
         p.add_argument(flag)  # a path, none by default
     for flag in "--any-tokenizer --compile".split():
@@ -431,8 +438,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-file", type=argparse.FileType(), dest="prompt", action="extend")
     # read here, before any download: a file that is not an image stops the run in one line
     p.add_argument("--complete", type=data.load_image, nargs="+")
-    p.add_argument("--mixed-precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--resize-filter", choices=["antialias", "official"], default="antialias")
+    p.add_argument("--mixed-precision", choices="fp32 bf16 fp16".split())
+    p.add_argument("--resize-filter", choices="antialias official".split(), default="antialias")
     return p.parse_args(argv)
 
 

@@ -69,14 +69,16 @@ def hub(http_server, monkeypatch):
 
 @pytest.fixture
 def own_ckpts(tmp_path):
-    """Our checkpoints (config inside): a 4-class GPT on a 4 x 4 grid + the tiny VQ -> 64 px."""
+    """Our checkpoints (config inside): a 4-class GPT on a 4 x 4 grid + the tiny VQ -> 64 px; the
+    GPT records its tokenizer's sha256, as train_gpt.py does."""
     model, tokenizer = tiny_models(block_size=16, num_classes=4)
-    ckpt = {"model": model.state_dict(), "ema": None, "config": asdict(model.config)}
-    g = common.save_checkpoint({**ckpt, "vq_config": asdict(TINY_VQ)}, tmp_path / "gpt.pt")
     v = common.save_checkpoint(
         {"model": tokenizer.state_dict(), "ema": None, "config": asdict(TINY_VQ)},
         tmp_path / "vq.pt",
     )
+    ckpt = {"model": model.state_dict(), "ema": None, "config": asdict(model.config)}
+    ckpt.update(vq_config=asdict(TINY_VQ), tokenizer_sha256=common.file_digest(v))
+    g = common.save_checkpoint(ckpt, tmp_path / "gpt.pt")
     return ["--gpt-ckpt", str(g), "--vq-ckpt", str(v)]
 
 
@@ -234,26 +236,22 @@ def test_flag_errors_with_own_checkpoints(own_ckpts, argv, match, tmp_path):
         run(own_ckpts + argv + ["--out", str(tmp_path / "x.png")])
 
 
-def test_the_gpt_knows_its_tokenizer(own_ckpts, tmp_path):
+def test_the_gpt_knows_its_tokenizer(own_ckpts, hub, tmp_path):
     """train_gpt.py records the sha256 of the tokenizer file; another one is refused."""
-    gpt_ckpt, vq_ckpt = own_ckpts[1], own_ckpts[3]
-    ckpt = torch.load(gpt_ckpt, weights_only=True)
-    ckpt["tokenizer_sha256"] = common.file_digest(vq_ckpt)
-    common.save_checkpoint(ckpt, tmp_path / "signed.pt")
-    other = torch.load(vq_ckpt, weights_only=True)
+    other = torch.load(own_ckpts[3], weights_only=True)
     other["model"] = tiny_models(seed=1)[1].state_dict()  # same config, other codebook
     common.save_checkpoint(other, tmp_path / "other_vq.pt")
-    argv = ["--gpt-ckpt", str(tmp_path / "signed.pt"), "--labels", "1"]
-    assert run(argv + ["--vq-ckpt", vq_ckpt, "--out", str(tmp_path / "a.png")]).exists()
-    argv += ["--vq-ckpt", str(tmp_path / "other_vq.pt"), "--out", str(tmp_path / "b.png")]
+    argv = own_ckpts[:2] + ["--labels", "1", "--out", str(tmp_path / "b.png")]
     with pytest.raises(common.UserError, match="another tokenizer than .*other_vq.pt"):
+        run(argv + ["--vq-ckpt", str(tmp_path / "other_vq.pt")])
+    # no --vq-ckpt: the released VQ-16 (here the hub's tiny stand-in) is not the GPT's either
+    with pytest.raises(common.UserError, match="another tokenizer than .*vq_ds16_c2i.pt"):
         run(argv)
-    assert run(argv + ["--any-tokenizer"]).exists()  # for those who know what they are doing
+    argv += ["--vq-ckpt", str(tmp_path / "other_vq.pt"), "--any-tokenizer"]
+    assert run(argv).exists()  # for those who know what they are doing
 
 
-def test_own_checkpoints_need_their_vq_and_official_files_take_image_size(own_ckpts, tmp_path):
-    with pytest.raises(common.UserError, match="own tokenizer; pass its --vq-ckpt"):
-        run(own_ckpts[:2])
+def test_official_files_take_image_size(own_ckpts, tmp_path):
     model, _ = tiny_models()  # an official file (no config) of a GPT trained on 16 x 16 grids
     torch.save({"model": model.state_dict()}, tmp_path / "official.pt")
     argv = ["--gpt-ckpt", str(tmp_path / "official.pt"), *own_ckpts[2:], "--labels", "1", "2"]
@@ -312,6 +310,7 @@ def test_complete_keeps_the_top_token_rows(own_ckpts, tmp_path, monkeypatch):
     calls = spy_on_generate(monkeypatch)
     argv = ["--complete", *map(str, pictures), "--keep-rows", "2", "--labels", "0", "1", "2"]
     out = run(own_ckpts + argv + ["--batch-size", "4", "--out", str(tmp_path / "c.png")])
+    assert len(calls) == 1  # a grid is one gpt.generate call: --batch-size is the .npz's
     # a row per picture: the original, its kept rows, 3 completions (one per label)
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 66 + 2, 5 * 66 + 2, 3)
@@ -320,8 +319,7 @@ def test_complete_keeps_the_top_token_rows(own_ckpts, tmp_path, monkeypatch):
     assert np.array_equal(grid[2:66, 2:66], np.asarray(crops[0]))  # the original, cropped
     assert (grid[2 + 32 : 66, 68:132] == 128).all()  # below the 2 kept token rows: grey
     codes = tokenizer.encode(torch.stack([data.pil_to_tensor(c) for c in crops]))[-1].view(2, 16)
-    prefix = torch.cat([p for _, p, _ in calls])  # batches of 4, 2
-    tokens = torch.cat([t for _, _, t in calls])
+    _, prefix, tokens = calls[0]
     assert torch.equal(prefix, codes[:, :8].repeat(3, 1))  # 2 rows of 4 tokens, every label
     assert torch.equal(tokens[:, :8], prefix) and not torch.equal(tokens, codes.repeat(3, 1))
 
@@ -396,7 +394,9 @@ def test_npz_shapes_balance_resize_and_resume(own_ckpts, tmp_path, monkeypatch):
         "00001.done",
     ]
     other = [a if a != "32" else "16" for a in argv]  # same --out, other settings: refused
-    with pytest.raises(common.UserError, match="other settings"):
+    with pytest.raises(
+        common.UserError, match="run-shards was made with a different image_size_eval"
+    ):
         run(other + ["--out", str(out)])
     calls.clear()
     run(argv + ["--out", str(out)])  # restart: only the missing shard is drawn
@@ -407,14 +407,16 @@ def test_npz_shapes_balance_resize_and_resume(own_ckpts, tmp_path, monkeypatch):
     assert run(argv + ["--out", str(out)]) == out and calls == []  # done: nothing to draw
 
 
-def test_npz_official_resize_and_native_size(own_ckpts, tmp_path):
+def test_npz_official_resize_and_native_size(own_ckpts, tmp_path, monkeypatch):
     argv = own_ckpts + ["--num-samples", "4", "--image-size-eval", "32"]
     official = run(argv + ["--resize-filter", "official", "--out", str(tmp_path / "o.npz")])
     images, _, meta = read_npz(official)
     assert images.shape == (4, 32, 32, 3) and meta["resize_filter"] == "official"
     antialiased, _, _ = read_npz(run(argv + ["--out", str(tmp_path / "a.npz")]))
     assert not np.array_equal(images, antialiased)  # the filter matters
-    native = run(own_ckpts + ["--num-samples", "4", "--out", str(tmp_path / "n.npz")])
+    monkeypatch.chdir(tmp_path)  # the default name: the GPT file, the seed
+    native = run(own_ckpts + ["--num-samples", "4"])
+    assert native == Path("samples/gpt-seed0.npz")
     images, _, meta = read_npz(native)
     assert images.shape == (4, 64, 64, 3) and meta["resize_filter"] == "none"  # 64 px <= 256
 
