@@ -61,25 +61,23 @@ class GPTConfig:
     block_size: int = 256  # image tokens = (image_size // downsample) ** 2
 
     @property
-    def head_dim(self) -> int:
+    def head_dim(self):
         return self.dim // self.n_head
 
     @property
-    def ffn_hidden(self) -> int:
+    def ffn_hidden(self):
         # Llama's SwiGLU width: 2/3 of 4 * dim, optionally scaled, rounded UP to multiple_of
-        hidden = int(8 * self.dim / 3)
-        if self.ffn_dim_multiplier:
-            hidden = int(self.ffn_dim_multiplier * hidden)
+        hidden = int((self.ffn_dim_multiplier or 1) * int(8 * self.dim / 3))
         return -(-hidden // self.multiple_of) * self.multiple_of
 
     @property
-    def grid_size(self) -> int:
+    def grid_size(self):
         return math.isqrt(self.block_size)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPTConfig":
         """Preset by its exact name ("GPT-XL"; scripts resolve "XL" with common.preset)."""
-        return cls(**{**GPT_CONFIGS[name], **overrides})
+        return cls(**GPT_CONFIGS[name] | overrides)
 
 
 GPT_CONFIGS = {  # official GPT_models; parameter counts for c2i with vocab 16384
@@ -114,7 +112,7 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def precompute_freqs_cis_2d(config: GPTConfig) -> torch.Tensor:
+def precompute_freqs_cis_2d(config: GPTConfig):
     """2D RoPE table (cls_token_num + grid*grid, head_dim//2, 2) of (cos, sin), fp32 on the CPU."""
     # head_dim/4 frequencies with the exponent over half = head_dim/2 (not head_dim), as official.
     # On the CPU explicitly: the model may be built under torch.device("meta") by the loader.
@@ -132,7 +130,7 @@ def precompute_freqs_cis_2d(config: GPTConfig) -> torch.Tensor:
         return torch.cat([torch.zeros(config.cls_token_num, half, 2), table])
 
 
-def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def apply_rotary_emb(x, freqs):
     """Rotate interleaved pairs (x[2m], x[2m+1]) of x (B, S, H, hd) by freqs (S, hd/2, 2) of
     (cos, sin), in fp32: (a cos - b sin, b cos + a sin)."""
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, hd/2) each
@@ -140,7 +138,7 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(3).type_as(x)
 
 
-def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
+def drop_path(x, p):
     """Stochastic depth per sample (timm DropPath, scale by keep); p = 0 outside training."""
     if p == 0.0:
         return x
@@ -261,12 +259,10 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.grid_size**2 != config.block_size or config.dim % config.n_head:
-            raise ValueError(
-                f"block_size {config.block_size} must be a square, dim divisible by n_head"
-            )
+        if config.grid_size**2 != config.block_size:  # the tokens fill a square grid
+            raise ValueError(f"block_size {config.block_size} must be a square")
         self.config = config
-        c2i = config.model_type == "c2i"
+        c2i = config.model_type == "c2i"  # else "t2i"
         self.cls_embedding = (LabelEmbedder if c2i else CaptionEmbedder)(config)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
@@ -279,19 +275,19 @@ class GPT(nn.Module):
         # A plain fp32 attribute, as official: absent from state_dict(), untouched when the model
         # is cast to bf16 (a buffer would be rounded), moved to the input's device by `transform`.
         self.freqs_cis = precompute_freqs_cis_2d(config)
-        self.apply(self._init_weights)
+        # official _init_weights: N(0, 0.02) for every matrix and table (no biases), drawn in the
+        # same order as its self.apply (both visit the leaves in the same depth-first order)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=config.initializer_range)
         nn.init.zeros_(self.output.weight)  # initial loss is exactly ln(vocab_size)
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
 
     def transform(self, x, pos, emb_mask=None, kv_len=None):
         """Embeddings x (B, S, dim) at positions pos (S,) -> final-norm hidden states (B, S, dim).
         Training passes the whole sequence; generation passes kv_len: the layers then write their
         KV caches at pos and attend over the first kv_len cache positions."""
         mask = None  # None: SDPA's is_causal path (training without captions)
-        if emb_mask is not None or kv_len is not None:
+        if emb_mask is not None or kv_len:  # kv_len: generation (never 0)
             k_pos = torch.arange(kv_len or len(pos), device=pos.device)
             mask = (k_pos <= pos[:, None])[None, None]  # (1, 1, S, kv_len): causal
             if emb_mask is not None:  # (B, n_cond): hide padded caption keys, but a position
@@ -338,7 +334,7 @@ class GPT(nn.Module):
         # the loss is summed over chunks of rows, each recomputed in the backward pass
         # (checkpoint), so at most one chunk of logits is alive; with return_logits=False the
         # full logits are never made. Below it, one plain pass: no recomputation, no slower.
-        rows = max(1, CE_CHUNK_ELEMENTS // c.vocab_size)
+        rows = CE_CHUNK_ELEMENTS // c.vocab_size  # >= 1024 for any vocabulary up to 16384
         # per-token weight: 1, or the record's valid flag (t2i: bad records count 0)
         weight = torch.ones(B, device=h.device) if valid is None else valid.float()  # (B,)
         weight = weight.repeat_interleave(S + 1)  # (B*(S+1),) like the flattened targets
@@ -349,20 +345,21 @@ class GPT(nn.Module):
 
         if B * (S + 1) > rows:  # several chunks (one has nothing to save by recomputing it)
             ce = partial(checkpoint, ce, use_reentrant=False)
-        chunks = [t.split(rows) for t in (h.flatten(0, 1), targets.flatten().long(), weight)]
+        chunks = [t.split(rows) for t in (h.flatten(0, 1), targets.flatten(), weight)]
         # mean over the weighted tokens (official: divided by max(number of valid tokens, 1))
         return logits, sum(map(ce, *chunks)) / weight.sum().clamp(min=1)
 
     # ---- cached inference -------------------------------------------------------------------
 
-    def setup_caches(self, batch: int, max_seq: int, dtype: torch.dtype, device: torch.device):
-        """Give every layer a static KV cache; ones of the same shape are kept (a compiled decode
+    def setup_caches(self, batch: int, max_seq: int):
+        """Give every layer a static KV cache in the weights' dtype and on their device (official:
+        bf16 when the model is cast to bf16); ones of the same shape are kept (a compiled decode
         replays CUDA graphs on the same buffers). Buffers follow the model's .to(), so a kept
         cache already has the weights' dtype and device."""
         shape = (2, batch, self.layers[0].attention.n_kv, max_seq, self.config.head_dim)
         for layer in self.layers:
             if getattr(layer.attention.kv_cache, "shape", None) != shape:
-                layer.attention.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+                layer.attention.kv_cache = self.tok_embeddings.weight.new_zeros(shape)
 
     def teardown_caches(self):
         """Free the KV caches."""
@@ -428,7 +425,7 @@ class GPT(nn.Module):
 # Sampling (official generate.py)
 
 
-def probs(logits, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
+def probs(logits, temperature=1.0, top_k=0, top_p=1.0):
     """Logits (..., V) -> the distribution a token is drawn from: temperature, then top-k (keeps
     ties), then top-p (keeps the first token past p: the HF filter the official code uses)."""
     logits = logits / max(temperature, 1e-5)
@@ -439,11 +436,12 @@ def probs(logits, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         drop = sorted_logits.softmax(-1).cumsum(-1) > top_p
         drop = F.pad(drop[..., :-1], (1, 0))  # shift right: keep the first token past top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)
+        # back to vocabulary order (order is a permutation: every entry is overwritten)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
     return logits.softmax(-1)
 
 
-def draw(p, generator=None) -> torch.Tensor:
+def draw(p, generator=None):
     """One token from each distribution p (..., V) -> (...) int64."""
     return torch.multinomial(p.flatten(0, -2), 1, generator=generator).view(p.shape[:-1])
 
@@ -491,48 +489,48 @@ def generate(
     n_cond, L, t2i = c.cls_token_num, c.block_size, c.model_type == "t2i"
     if cfg_scale > 1.0 and not t2i and c.class_dropout_prob <= 0:
         raise ValueError("cfg_scale > 1 needs the null class (class_dropout_prob > 0)")
+    B, copies = len(cond), 1 + (cfg_scale > 1.0)
+    tokens = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L)
     K = 0 if prefix is None else prefix.shape[1]
     if K >= L:
         raise ValueError(f"a prefix of {K} tokens leaves nothing to sample (block_size {L})")
+    if K:
+        tokens[:, :K] = prefix
     # guidance doubles the batch to [cond; null]: the null class, or the stored null caption;
     # a t2i uncond row keeps the cond row's padding mask (official)
-    B, copies = len(cond), 1 + (cfg_scale > 1.0)
     cond = torch.cat([cond] * copies)
     emb_mask = emb_mask.repeat(copies, 1) if t2i and emb_mask is not None else None
     max_seq = n_cond + L - 1  # the last token is never fed back
-    guide = (emb_mask, cfg_scale, cfg_interval)
-    tokens = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L)
-    if K:
-        tokens[:, :K] = prefix
+    passes = 0
 
-    def feed(start, end, step=decode_one_token, kv_len=None):
-        """Feed tokens start..end-1 (to both halves) -> the distributions (B, S, V) of tokens
-        start+1..end, each given the tokens before it."""
-        x = model.tok_embeddings(tokens[:, start:end].repeat(copies, 1))
+    def feed(start, end, last=1, compiled=None):
+        """Feed tokens start..end-1 (to both halves) -> the distributions (B, last, V) of tokens
+        end-last+1..end, each given the tokens before it. The condition sits at positions
+        0..n_cond-1, as tokens -n_cond..-1: start = -n_cond is the prefill, the condition and
+        the prefix in one pass. Eager, this attends over the filled cache; `compiled`
+        (decode_fn) attends over the whole (masked) cache: fixed shapes, so CUDA graphs can
+        replay."""
+        nonlocal passes
+        passes += 1
+        x = model.tok_embeddings(tokens[:, max(start, 0) : end].repeat(copies, 1))
+        if start < 0:  # the second half gets the null class or caption
+            null = torch.arange(len(cond), device=device) >= B
+            x = torch.cat([model.cls_embedding(cond, null), x], 1)
         at = torch.arange(n_cond + start, n_cond + end, device=device)  # their positions
-        return probs(
-            step(model, x, at, kv_len or n_cond + end, *guide, last=end - start), **filters
-        )
+        kv_len = max_seq if compiled else n_cond + end
+        step = compiled or decode_one_token
+        return probs(step(model, x, at, kv_len, emb_mask, cfg_scale, cfg_interval, last), **filters)
 
     was_training = model.training
-    model.eval()  # caches in the weights' dtype (official: bf16 when the model is cast to bf16)
-    model.setup_caches(len(cond), max_seq, model.tok_embeddings.weight.dtype, device)
-    try:  # prefill: the condition (and the prefix) in one pass, always eager -> token K
-        x = model.cls_embedding(cond, torch.arange(len(cond), device=device) >= B)
-        x = torch.cat([x, model.tok_embeddings(tokens[:, :K].repeat(copies, 1))], 1)
-        logits = decode_one_token(
-            model, x, torch.arange(n_cond + K, device=device), n_cond + K, *guide
-        )
-        tokens[:, K] = draw(probs(logits[:, -1], **filters), generator)
+    model.eval()  # no dropout; train() again at the end (the trainer samples mid-run)
+    model.setup_caches(len(cond), max_seq)
+    try:  # prefill, always eager -> token K
+        tokens[:, K] = draw(feed(-n_cond, K)[:, -1], generator)
         if jacobi_window > 0:
-            passes = 1 + _jacobi(feed, tokens, K + 1, jacobi_window, c.grid_size, generator)
+            _jacobi(feed, tokens, K + 1, jacobi_window, c.grid_size, generator)
         else:
-            passes = L - K
-            # eager attends over the filled prefix; compiled over the whole (masked) cache with
-            # fixed shapes, so CUDA graphs can replay
-            step = (decode_fn, max_seq) if decode_fn else ()
             for i in range(K + 1, L):  # feed token i - 1 -> token i
-                tokens[:, i] = draw(feed(i - 1, i, *step)[:, -1], generator)
+                tokens[:, i] = draw(feed(i - 1, i, 1, decode_fn)[:, -1], generator)
     finally:
         if decode_fn is None:  # compiled graphs keep the same cache buffers for the next call
             model.teardown_caches()
@@ -542,11 +540,11 @@ def generate(
     return tokens
 
 
-def _jacobi(feed, tokens, n0: int, window: int, grid: int, generator) -> int:
+def _jacobi(feed, tokens, n0, window, grid, generator):
     """Speculative Jacobi decoding (Teng et al., ICLR 2025, arXiv 2410.01699): fill tokens
     (B, L) in place from n0 accepted tokens per row; each forward pass (`feed`) feeds up to
     `window` drafts past the furthest row and checks every row's drafts, plus one more draft
-    whose p the pass gives but which is not fed; returns the number of passes.
+    whose p the pass gives but which is not fed.
 
     Why the distribution stays exact: a draft x_i was drawn from a known q_i. Given the tokens
     before it, the pass gives the true next-token distribution p_i (guided and filtered exactly
@@ -563,9 +561,9 @@ def _jacobi(feed, tokens, n0: int, window: int, grid: int, generator) -> int:
     every row from the earliest token whose keys and values are not final, overwriting what a
     rejected draft left there, and attends over the fed window causally."""
     (B, L), device = tokens.shape, tokens.device
-    n = tokens.new_full((B,), n0)  # accepted tokens per row
+    n = tokens.new_full((B, 1), n0)  # accepted tokens per row
     q = q_start = None  # the last pass's p (B, S', V), of tokens q_start+1..q_start+S'
-    passes, drafted = 0, n0  # tokens < drafted hold an accepted token or a draft, in every row
+    drafted = n0  # tokens < drafted hold an accepted token or a draft, in every row
     while (n < L).any():
         # feed tokens start..end-1: from the earliest row's newest (uncached) accepted token to W
         # drafts past the furthest row; fed token j gives p of token j + 1; token `end` is checked
@@ -573,8 +571,7 @@ def _jacobi(feed, tokens, n0: int, window: int, grid: int, generator) -> int:
         start, end = int(n.min()) - 1, min(L - 1, int(n.max()) + window)
         for t in range(drafted, end + 1):  # fresh drafts, point masses
             tokens[:, t] = tokens[:, t - grid if t >= grid else t - 1]
-        p = feed(start, end)  # (B, S, V), S = end - start
-        passes += 1
+        p = feed(start, end, end - start)  # (B, S, V), S = end - start
         # what each draft was drawn from: the last pass's p (end only grows, so it covers
         # tokens start+1..drafted-1), a point mass for the fresh ones -> (B, S, V) like p
         fresh = F.one_hot(tokens[:, drafted : end + 1], p.shape[-1]).float()
@@ -584,7 +581,7 @@ def _jacobi(feed, tokens, n0: int, window: int, grid: int, generator) -> int:
         p_x, q_x = (dist.gather(2, x[..., None])[..., 0] for dist in (p, q))  # (B, S)
         u = torch.rand(p_x.shape, generator=generator, device=device)
         # accepted with probability min(1, p/q); tokens before n (all, in a finished row) stand
-        reject = (t >= n[:, None]) & (u * q_x >= p_x)
+        reject = (t >= n) & (u * q_x >= p_x)
         # (B, 1) each row's first rejected token (end + 1: none); its residual normalize(max(0,
         # p - q)) is never empty: a rejection means p(x) < q(x), so p > q somewhere
         at = start + 1 + (~reject).cumprod(1).sum(1, keepdim=True)
@@ -594,5 +591,4 @@ def _jacobi(feed, tokens, n0: int, window: int, grid: int, generator) -> int:
         redo = t >= at
         x[redo] = draw(p[redo], generator)
         # accepted through `at`, or through `end` if nothing was rejected (a finished row: L)
-        n, q, q_start, drafted = at[:, 0].clamp(max=end) + 1, p, start, end + 1
-    return passes
+        n, q, q_start, drafted = at.clamp(max=end) + 1, p, start, end + 1

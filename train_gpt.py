@@ -69,7 +69,6 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -82,13 +81,9 @@ import data
 import text
 from gpt import GPT, GPT_CONFIGS, GPTConfig, generate
 
-# flag: default; the type follows the default, False = a switch, None = a path
+# flag: default, whose type is the flag's (paths and switches follow in build_parser)
 FLAGS = {
-    "--code-path": None,
-    "--extra-code-path": None,
     "--extra-prob": 0.5,
-    "--resume": None,
-    "--vq-ckpt": None,
     "--results-dir": "results",
     "--epochs": 300,
     "--max-steps": 0,
@@ -102,10 +97,7 @@ FLAGS = {
     "--dropout": 0.1,
     "--class-dropout-prob": 0.1,
     "--drop-path": 0.0,
-    "--ema": False,
     "--ema-decay": 0.9999,
-    "--compile": False,
-    "--fsdp": False,
     "--global-seed": 0,
     "--num-workers": common.NUM_WORKERS,
     "--log-every": 100,
@@ -113,10 +105,9 @@ FLAGS = {
     "--sample-every": 5000,
     "--cfg-scale": 4.0,
 }
-ADAM_BETAS = (0.9, 0.95)  # official (train_c2i.py --beta1, --beta2)
 # What a resumed run may change: how long it runs, what it logs, saves and samples, where its files
 # are, and how the same computation is laid out on the machine. The checkpoint's model must still
-# fit the codes (setup checks it).
+# fit the codes (data_and_config checks it).
 MAY_CHANGE = """code_path extra_code_path vq_ckpt results_dir epochs max_steps log_every ckpt_every
     sample_every cfg_scale num_workers compile fsdp gradient_accumulation_steps""".split()
 # full (gathered) state dicts on rank 0's CPU, which saves them: one checkpoint format with or
@@ -138,16 +129,18 @@ def build_parser():
         help="a gpt.GPT_CONFIGS preset",
     )
     p.add_argument(
-        "--lr-schedule", choices=["constant", "cosine"], default="constant", help="after warmup"
+        "--lr-schedule", choices="constant cosine".split(), default="constant", help="after warmup"
     )
     p.add_argument(
-        "--mixed-precision", choices=["fp32", "bf16", "fp16"], help="None: bf16 on GPUs, else fp32"
+        "--mixed-precision", choices="fp32 bf16 fp16".split(), help="None: bf16 on GPUs, else fp32"
     )
+    # what each flag means: the docstring
     for flag, default in FLAGS.items():
-        kind = dict(type=str if default is None else type(default), default=default)
-        if default is False:
-            kind = dict(action="store_true")
-        p.add_argument(flag, help="default: %(default)s", **kind)  # meanings: the docstring
+        p.add_argument(flag, type=type(default), default=default, help="default: %(default)s")
+    for flag in "--code-path --extra-code-path --resume --vq-ckpt".split():
+        p.add_argument(flag, help="a path")
+    for flag in "--ema --compile --fsdp".split():
+        p.add_argument(flag, action="store_true", help="a switch")
     return p
 
 
@@ -156,12 +149,14 @@ def parse_args(argv=None):
 
 
 def get_lr(args, step, total_steps):
-    """Linear warmup, then constant (official) or cosine down to --min-lr."""
+    """The learning rate of optimizer step `step` (1 .. total_steps): linear warmup over the first
+    --warmup-steps, then constant (official) or cosine down to --min-lr."""
     warmup = args.warmup_steps
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    # the constant schedule is the cosine's start (t = 0) kept for ever
-    t = min(1, (step - warmup) / max(1, total_steps - warmup)) * (args.lr_schedule == "cosine")
+    if step <= warmup:
+        return args.lr * step / warmup
+    # the constant schedule is the cosine's start (t = 0) kept for ever; t = 0 at the first step
+    # after warmup, and < 1 at the last (total_steps > warmup here)
+    t = (step - 1 - warmup) / (total_steps - warmup) * (args.lr_schedule == "cosine")
     return args.min_lr + (args.lr - args.min_lr) * (1 + math.cos(math.pi * t)) / 2
 
 
@@ -169,15 +164,9 @@ def get_lr(args, step, total_steps):
 # The steps of main: settings, data, model, one train step, outputs
 
 
-def setup(args):
-    """-> (env, checkpoint or {}, flags changed on the command line, micro-batch, dataset,
-    GPTConfig), all checked before any work. A bare --resume CKPT takes every flag from CKPT's
-    run (common.resume_args refuses changes outside MAY_CHANGE). The micro-batch is what each
-    rank feeds one forward pass: the global batch over processes x accumulation."""
-    # only our checkpoints have "vq_config" (not a VQ's or an official one)
-    env, ckpt, changed = common.Run.setup(
-        args, build_parser(), MAY_CHANGE, "vq_config", "train_gpt.py"
-    )
+def data_and_config(args, env, ckpt):
+    """-> (micro-batch, dataset, GPTConfig), all checked before any work. The micro-batch is
+    what each rank feeds one forward pass: the global batch over processes x accumulation."""
     if not args.code_path:  # not required by argparse: a bare --resume takes the saved one
         raise common.UserError("--code-path is required: a folder from `python data.py extract`")
     micro, rem = divmod(args.global_batch_size, env.world_size * args.gradient_accumulation_steps)
@@ -206,7 +195,7 @@ def setup(args):
             args.code_path, args.extra_code_path, args.extra_prob, args.global_seed
         )
         cond = dict(num_classes=meta["num_classes"])
-    resid = 0.0 if args.drop_path > 0 else args.dropout  # official: drop-path replaces them
+    resid = 0.0 if args.drop_path else args.dropout  # official: drop-path replaces them
     config = GPTConfig.from_name(
         args.model,
         vocab_size=meta["vocab_size"],
@@ -224,11 +213,11 @@ def setup(args):
             f"{args.resume} was trained on other codes than {args.code_path}, which give "
             f"{dict(set(vars(config).items()) - set(ckpt['config'].items()))}"
         )
-    return env, ckpt, changed, micro, dataset, config
+    return micro, dataset, config
 
 
 def build_model(args, env, config, ckpt):
-    """-> [model, raw_model, ema, optimizer, scaler]: model to train (compiled, DDP-wrapped as
+    """-> (model, raw_model, ema, optimizer, scaler): model to train (compiled, DDP-wrapped as
     asked); raw_model for EMA, sampling and saving; ema (or None); on resume all of them and this
     rank's RNG as saved."""
     torch.manual_seed(args.global_seed)  # same init on every rank: FSDP2 does not broadcast
@@ -236,7 +225,7 @@ def build_model(args, env, config, ckpt):
     ema = copy.deepcopy(raw_model) if args.ema else None  # never in a backward pass
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
-        if args.ema:  # a resumed run has the saved run's --ema, so the file holds one
+        if ema:  # a resumed run has the saved run's --ema, so the file holds one
             ema.load_state_dict(ckpt["ema"])
     torch.manual_seed(args.global_seed * env.world_size + env.rank)  # per-rank dropout (DiT)
     if args.fsdp:  # FSDP2: fully_shard each transformer block, then the root
@@ -244,18 +233,18 @@ def build_model(args, env, config, ckpt):
 
         dtype = torch.bfloat16 if env.precision == "bf16" else None
         # (param_dtype, reduce_dtype): bf16 compute copies and gradient reductions, as official
-        shard = functools.partial(fully_shard, mp_policy=MixedPrecisionPolicy(dtype, dtype))
+        policy = MixedPrecisionPolicy(dtype, dtype)
         # the EMA (if any) is sharded alike, so that it updates shard by shard; it never runs
-        # forward, so its compute dtype does not matter
+        # forward, so its compute dtype does not matter. The root (embeddings, norm, output) last.
         for module in filter(None, [raw_model, ema]):
-            for block in module.layers:
-                shard(block)
-            shard(module)  # the root: embeddings, norm, output
+            for part in [*module.layers, module]:
+                fully_shard(part, mp_policy=policy)
     if args.compile:  # in place: the module and its state_dict keys stay as they are
         raw_model.compile()
     # what the train step calls: DDP on the module's one device (CPU or this rank's GPU)
-    ddp = env.distributed and not args.fsdp
-    model = torch.nn.parallel.DistributedDataParallel(raw_model) if ddp else raw_model
+    model = raw_model
+    if env.distributed and not args.fsdp:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model)
     # AdamW with weight decay on matrices and embeddings only (dim >= 2; the official has no
     # biases, so the others are norm weights), fused on GPUs
     groups = [  # [decayed, not decayed], each in the model's parameter order
@@ -265,13 +254,14 @@ def build_model(args, env, config, ckpt):
         )
         for decay in (True, False)
     ]
-    optimizer = torch.optim.AdamW(groups, args.lr, ADAM_BETAS, fused=env.device.type == "cuda")
+    # betas (0.9, 0.95) as official (train_c2i.py --beta1, --beta2)
+    optimizer = torch.optim.AdamW(groups, args.lr, (0.9, 0.95), fused=env.device.type == "cuda")
     scaler = torch.amp.GradScaler(enabled=env.precision == "fp16")  # fp16 only on GPUs
     if ckpt:  # the optimizer state is saved whole (gathered under FSDP)
         set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=FULL)
         scaler.load_state_dict(ckpt["scaler"])
         common.restore_rng(ckpt["rng"], env)
-    return [model, raw_model, ema, optimizer, scaler]
+    return model, raw_model, ema, optimizer, scaler
 
 
 def train_step(args, env, parts, batches, lr, sums):
@@ -285,10 +275,10 @@ def train_step(args, env, parts, batches, lr, sums):
         codes, cond, *t2i = (t.to(env.device) for t in next(batches))
         # codes (micro, block_size); cond: labels (micro,) or captions (micro, n_cond, D) with
         # t2i = [emb_mask (micro, n_cond), valid (micro,)]: the model's next two arguments
-        if model is not raw_model:  # DDP: nanoGPT's one flag instead of the no_sync() context:
-            # gradients are all-reduced on the last micro-step only. FSDP reduce-scatters every
-            # micro-step, so that no full-size gradients wait in memory between them.
-            model.require_backward_grad_sync = micro_step == accum - 1
+        # DDP: nanoGPT's one flag instead of the no_sync() context (a plain attribute elsewhere):
+        # gradients are all-reduced on the last micro-step only. FSDP reduce-scatters every
+        # micro-step, so that no full-size gradients wait in memory between them.
+        model.require_backward_grad_sync = micro_step == accum - 1
         with env.ctx:  # mean CE over micro x block_size, without the full fp32 logits
             _, loss = model(codes[:, :-1], cond, codes, *t2i, return_logits=False)
         scaler.scale(loss / accum).backward()
@@ -300,7 +290,7 @@ def train_step(args, env, parts, batches, lr, sums):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad()  # set_to_none
-    if args.ema:
+    if ema:  # --ema
         common.update_ema(ema, raw_model, args.ema_decay)
     sums[2] += 1
     return grad_norm
@@ -327,7 +317,7 @@ def sample_and_save(args, env, parts, vq, dataset, run, step):
             codes = generate(
                 raw_model,
                 cond.to(env.device),
-                args.cfg_scale if c.class_dropout_prob > 0 else 1.0,
+                args.cfg_scale if c.class_dropout_prob else 1.0,
                 emb_mask=emb_mask.to(env.device),
                 generator=torch.Generator(env.device).manual_seed(args.global_seed),
             )
@@ -339,41 +329,52 @@ def sample_and_save(args, env, parts, vq, dataset, run, step):
             )
     if run.due(step, args.ckpt_every):
         tokenizer = dataset.meta["tokenizer"]
-        obj = {
-            "model": get_model_state_dict(raw_model, options=FULL),
-            "ema": ema and get_model_state_dict(ema, options=FULL),  # or None
-            "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=FULL),
-            "scaler": scaler.state_dict(),
-            "config": vars(c),  # plain types (a dataclass's fields)
-            # which tokenizer made the codes: sample.py decodes with it, and refuses another one
-            "vq_config": tokenizer["config"],
-            "tokenizer_sha256": tokenizer.get("sha256"),  # stores of older versions: none
-            "args": vars(args),
-            "step": step,
-            "rng": common.gather_rng(env),
-        }
-        common.save_checkpoints(obj, run.folder, step, env)
+        # every rank helps gather; rank 0 writes checkpoints/{step:07d}.pt and last.pt
+        common.save_checkpoints(
+            {
+                "model": get_model_state_dict(raw_model, options=FULL),
+                "ema": ema and get_model_state_dict(ema, options=FULL),  # or None
+                "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=FULL),
+                "scaler": scaler.state_dict(),
+                "config": vars(c),  # plain types (a dataclass's fields)
+                # which tokenizer made the codes: sample.py decodes with it, and refuses another
+                "vq_config": tokenizer["config"],
+                "tokenizer_sha256": tokenizer.get("sha256"),  # stores of older versions: none
+                "args": vars(args),
+                "step": step,
+                "rng": common.gather_rng(env),
+            },
+            run.folder,
+            step,
+            env,
+        )
 
 
 # -----------------------------------------------------------------------------
 
 
 def main(args):
-    env, ckpt, changed, micro, dataset, config = setup(args)
+    # a bare --resume CKPT takes every flag from CKPT's run (common.resume_args refuses changes
+    # outside MAY_CHANGE); only our checkpoints have "vq_config" (not a VQ's or an official one)
+    env, ckpt, changed = common.Run.setup(
+        args, build_parser(), MAY_CHANGE, "vq_config", "train_gpt.py"
+    )
+    micro, dataset, config = data_and_config(args, env, ckpt)
     # the tokenizer that decodes sample grids, loaded before the seeding: its random init must
     # not move the training RNG
     vq = args.vq_ckpt and data.load_tokenizer(args.vq_ckpt, env.device, config.vocab_size)
     parts = build_model(args, env, config, ckpt)
     # one loader for the whole run, from the checkpoint's step on, that leaves the global RNG
     # alone; a step takes micro x accumulation samples from each rank. Then the run folder.
-    accum = args.gradient_accumulation_steps
-    run = common.Run(args, env, dataset, micro, accum, ckpt.get("step", 0))
+    run = common.Run(
+        args, env, dataset, micro, args.gradient_accumulation_steps, ckpt.get("step", 0)
+    )
     common.print0(
         f"{run.folder}: {args.model} {config.model_type}, "
         f"{sum(p.numel() for p in parts[1].parameters()):,} parameters, vocab "
         f"{config.vocab_size}, {config.block_size} tokens; {len(dataset)} sequences, "
-        f"{env.world_size} x {micro} x {accum} per step, {run.steps_per_epoch} steps per "
-        f"epoch, steps {run.start} -> {run.total}; {env}",
+        f"{env.world_size} x {micro} x {args.gradient_accumulation_steps} per step, "
+        f"{run.steps_per_epoch} steps per epoch, steps {run.start} -> {run.total}; {env}",
         *changed,  # the flags a resumed run overrides: "max_steps 300 -> 600"
         sep="; ",
     )
@@ -381,18 +382,19 @@ def main(args):
     # [loss, skipped records, steps] since the last log line, summed by train_step
     sums = torch.zeros(3, device=env.device)
     for step in run:  # 1..total under rank 0's bar; `step`: the ones done after this one
-        lr = get_lr(args, step - 1, run.total)
+        lr = get_lr(args, step, run.total)
         grad_norm = train_step(args, env, parts, run.batches, lr, sums)
         due = run.due(step, args.log_every)
         if due or step == 1:  # averaged over the steps since the last line and over the ranks
             if env.distributed:
-                dist.all_reduce(sums)
+                torch.distributed.all_reduce(sums)
             loss, skipped, steps = sums.tolist()  # steps x processes
-            run.bar.set_postfix(loss=loss / steps)
+            loss /= steps
+            run.bar.set_postfix(loss=loss)
             run.log(
                 {
                     "step": step,
-                    "loss": loss / steps,
+                    "loss": loss,
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "skipped": skipped,  # t2i: bad records the loss skipped
@@ -405,7 +407,7 @@ def main(args):
             sums[:] = 0 if due else sums / env.world_size
         sample_and_save(args, env, parts, vq, dataset, run, step)
     if env.distributed:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
     return run.folder
 
 

@@ -236,7 +236,7 @@ def test_kv_cache_decoding_equals_full_forward(variant):
     cond, emb_mask = make_cond(model)
     z = torch.randint(0, 32, (2, 15))
     full, _ = model(z, cond, emb_mask=emb_mask)  # (B, 16, V)
-    model.setup_caches(2, c.cls_token_num + 15, torch.float32, torch.device("cpu"))
+    model.setup_caches(2, c.cls_token_num + 15)
     n = c.cls_token_num
     with torch.no_grad():
         x = model.cls_embedding(cond)
@@ -245,7 +245,7 @@ def test_kv_cache_decoding_equals_full_forward(variant):
             x, pos = model.tok_embeddings(z[:, i : i + 1]), torch.tensor([n + i])
             steps.append(gpt.decode_one_token(model, x, pos, n + i + 1, emb_mask, 1.0, -1))
         # several tokens in one cached pass (speculative decoding feeds windows like this)
-        model.setup_caches(2, c.cls_token_num + 15, torch.float32, torch.device("cpu"))
+        model.setup_caches(2, c.cls_token_num + 15)
         gpt.decode_one_token(
             model, model.cls_embedding(cond), torch.arange(n), n, emb_mask, 1.0, -1
         )

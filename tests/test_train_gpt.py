@@ -300,10 +300,13 @@ def test_flags_and_lr_schedule(capsys):
     )
     assert args.model == "GPT-B" and args.lr == 1e-4 and args.global_batch_size == 256
     assert args.num_workers == common.NUM_WORKERS  # spare cores, at most 4
-    assert train_gpt.get_lr(args, 0, 110) == pytest.approx(1e-5)
-    assert train_gpt.get_lr(args, 9, 110) == pytest.approx(1e-4)
-    assert train_gpt.get_lr(args, 60, 110) == pytest.approx(1e-5 + 0.5 * 9e-5)
-    assert train_gpt.get_lr(args, 110, 110) == pytest.approx(1e-5)
+    assert train_gpt.get_lr(args, 1, 110) == pytest.approx(1e-5)
+    assert train_gpt.get_lr(args, 10, 110) == pytest.approx(1e-4)
+    assert train_gpt.get_lr(args, 61, 110) == pytest.approx(1e-5 + 0.5 * 9e-5)
+    # steps count from 1; the last one is one step short of --min-lr
+    assert train_gpt.get_lr(args, 110, 110) == pytest.approx(
+        1e-5 + 9e-5 * (1 + math.cos(0.99 * math.pi)) / 2
+    )
     const = train_gpt.parse_args(["--code-path", "x", "--model", "XL"])
     assert const.model == "GPT-XL" and train_gpt.get_lr(const, 12345, 99999) == 1e-4
     with pytest.raises(SystemExit):  # --help: the docstring, then every flag with its default
