@@ -24,6 +24,7 @@ import os
 import warnings
 import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,8 +51,13 @@ STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")  # the ADM reference batch's prec
 def basic_conv2d(cin, cout, *kernel_stride_padding):
     """pytorch-fid's BasicConv2d: conv (no bias) -> BatchNorm (eps 0.001, the TF graph's) -> ReLU,
     weights under conv.* and bn.* (the ReLU holds none)."""
-    conv = nn.Conv2d(cin, cout, *kernel_stride_padding, bias=False)
-    return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(cout, eps=0.001), relu=nn.ReLU()))
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(cin, cout, *kernel_stride_padding, bias=False),
+            bn=nn.BatchNorm2d(cout, eps=0.001),
+            relu=nn.ReLU(),
+        )
+    )
 
 
 class Mixed(nn.Module):
@@ -84,20 +90,20 @@ class Mixed(nn.Module):
                 branch.append(step)
                 c = cout * len(kernels)
             self.branches.append(branch)
-        pool_branch = [nn.MaxPool2d(3, 2)]  # halving: a stride-2 max pool alone
+        pool_branch = [[nn.MaxPool2d(3, 2)]]  # halving: a stride-2 max pool alone
         if pool_features:  # TF averages over real pixels only: the padded zeros are not counted
             self.branch_pool = basic_conv2d(cin, pool_features, 1)
-            pool_branch = [pool or nn.AvgPool2d(3, 1, 1, count_include_pad=False), self.branch_pool]
-        self.branches.append([[m] for m in pool_branch])
+            pool_branch = [
+                [pool or nn.AvgPool2d(3, 1, 1, count_include_pad=False)],
+                [self.branch_pool],
+            ]
+        self.branches.append(pool_branch)
 
     def forward(self, x):
-        out = []
-        for branch in self.branches:
-            y = x
-            for step in branch:  # one module, or a side-by-side pair: concatenated either way
-                y = torch.cat([m(y) for m in step], 1)
-            out.append(y)
-        return torch.cat(out, 1)
+        # a step: one module, or a side-by-side pair, concatenated either way; each branch runs
+        # its steps in order from x, and the block concatenates the branches' outputs
+        step = lambda y, modules: torch.cat([m(y) for m in modules], 1)
+        return torch.cat([functools.reduce(step, branch, x) for branch in self.branches], 1)
 
 
 # The five block types of Inception-v3 (Szegedy et al. 2016, Fig. 5-7 and 10), as branch tables
@@ -130,7 +136,10 @@ BRANCHES_E = dict(  # Mixed_7b, 7c, 8x8
 
 
 class InceptionV3(nn.Module):
-    """Inception-v3 as in the FID graph: uint8-valued images in, (pool3, spatial, logits) out."""
+    """Inception-v3 as in the FID graph: uint8-valued images (B, H, W, 3), as the graph, arr_0
+    and PIL hold them, in; (pool3, spatial) features out.
+    The logits for the Inception Score are pool3 @ fc.weight.T (the graph's MatMul, without the
+    bias): main() computes them from stored pool3 features, so fc is a weights holder here."""
 
     def __init__(self):
         super().__init__()
@@ -154,17 +163,15 @@ class InceptionV3(nn.Module):
         self.Mixed_7c = Mixed(2048, BRANCHES_E, 192, nn.MaxPool2d(3, 1, 1))
         self.fc = nn.Linear(2048, 1008)  # 1000 ImageNet classes + 8 unused outputs of the graph
 
-    def forward(self, images, mode="adm"):
+    def forward(self, images, mode):
         x = preprocess(images, mode)  # (B, 3, 299, 299)
         for name, layer in self.named_children():
             if name == "fc":
                 break
             x = layer(x)
             if name == "Mixed_6d":  # sFID: TF mixed_6/conv = Mixed_6d.branch1x1 = first 192
-                spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # keep 7, NHWC: (B, 2023)
-        pool3 = x.mean((2, 3))  # (B, 2048)
-        # logits (B, 1008): IS uses the graph's MatMul, without the bias
-        return pool3, spatial, pool3 @ self.fc.weight.T
+                spatial = x[:, :7].movedim(1, -1).flatten(1)  # keep 7, NHWC: (B, 2023)
+        return x.mean((2, 3)), spatial  # pool3 (B, 2048), spatial (B, 2023)
 
 
 def resize_tf1_bilinear(x, size):
@@ -179,37 +186,38 @@ def resize_tf1_bilinear(x, size):
         left, right = x[..., lo], x[..., (lo + 1).clamp(max=n_in - 1)]
         return left + (right - left) * (src - lo)
 
-    # along x first, then y, as TF: the same float32 operations in the same order
-    return along_width(along_width(x).transpose(2, 3)).transpose(2, 3)  # (B, C, size, size)
+    # along x first, then y (.mT swaps H and W), as TF: the same float32 operations in the same
+    # order
+    return along_width(along_width(x).mT).mT  # (B, C, size, size)
 
 
-def preprocess(images, mode="adm"):
-    """(B, 3, H, W) uint8-valued images -> (B, 3, 299, 299) network input for `mode` (MODES)."""
-    x = images.float()
+def preprocess(images, mode):
+    """(B, H, W, 3) uint8-valued images -> (B, 3, 299, 299) network input for `mode` (MODES)."""
+    x = images.movedim(-1, 1).float()  # (B, 3, H, W)
     if mode == "pytorch-fid":  # ToTensor to [0, 1], half-pixel bilinear, then 2x - 1
-        return 2 * nn.functional.interpolate(x / 255, size=(299, 299), mode="bilinear") - 1
+        return 2 * nn.functional.interpolate(x / 255, 299, mode="bilinear") - 1
     return (resize_tf1_bilinear(x, 299) - 128) / 128  # adm, the TF graph: resize 0..255 floats
 
 
 def load_inception(weights=None):
     """The FID Inception in eval mode: `weights`, else pytorch-fid's release (downloaded once
     into the cache); "random" gives seeded random weights for offline smoke runs."""
+    # seeded, for "random"; loaded weights overwrite every value, the seed then changes nothing
+    torch.manual_seed(0)
+    model = InceptionV3().eval()
     if weights == "random":  # offline smoke runs: numbers comparable only with other "random" runs
-        torch.manual_seed(0)
-        model = InceptionV3()
-        for name, w in model.named_parameters():  # He init keeps activations O(1) through 94
-            if name.endswith("conv.weight"):  # conv + ReLU layers
+        for w in model.parameters():  # He init keeps activations O(1) through 94 conv + ReLU
+            if w.ndim == 4:  # layers: the conv weights (BN's are 1-d, fc's 2-d)
                 nn.init.kaiming_normal_(w)
-        return model.eval()
+        return model
     # offline, the download's error says where to put the file by hand
     weights = weights or common.download(WEIGHTS_URL, desc="FID Inception weights")
     state = common.load_checkpoint(weights)  # one line for a missing file or one of another kind
-    model = InceptionV3()
     try:  # the AuxLogits head is training-only; torch fills in BN num_batches_tracked if absent
         model.load_state_dict({k: v for k, v in state.items() if "AuxLogits" not in k})
     except Exception as e:  # another checkpoint (not a flat dict of tensors; missing, unexpected
         # or misshapen keys): torch's last line says which
-        why = str(e).splitlines()[-1].strip()[:200]
+        why = str(e).split("\t")[-1][:200]  # torch's problems follow "\n\t": the last one
         raise UserError(f"{weights} is not the FID Inception weights file: {why}") from None
     # torch.hub naming: the file name holds the first hex digits of its sha256. pytorch-fid
     # never checks it: warn, not fail
@@ -218,7 +226,7 @@ def load_inception(weights=None):
             f"{weights}: its sha256 does not start with 6726825d; "
             "FIDs may not be comparable with published ones"
         )
-    return model.eval()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,22 +236,21 @@ def load_inception(weights=None):
 def compute_statistics(features):
     """Mean and unbiased covariance of (N, D) features, in float64."""
     n, dim = features.shape
-    if n < 2:
-        raise UserError(f"need at least 2 images for statistics, got {n}")
+    # (n = 1: NaN covariances, which frechet_distance refuses with one line)
     if n <= dim:
         warnings.warn(
             f"only {n} images for {dim}-dim features: the covariance is singular and the "
             f"Frechet distance is biased high; use many more (50 000 for published numbers)"
         )
-    # np.cov computes in float64 by itself; the mean is accumulated in float64 too
-    return features.mean(0, dtype=np.float64), np.cov(features, rowvar=False)
+    # the mean accumulated in float64 (numpy's float); np.cov computes in float64 by itself, of
+    # the D rows of features.T
+    return features.mean(0, float), np.cov(features.T)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) in float64, by two symmetric eigensolves."""
-    mu1, sigma1, mu2, sigma2 = stats = [
-        np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2)
-    ]
+def frechet_distance(*stats):
+    """stats = mu1, sigma1, mu2, sigma2 -> |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) in float64,
+    by two symmetric eigensolves."""
+    mu1, sigma1, mu2, sigma2 = stats = [np.asarray(a, float) for a in stats]  # float64
     if not all(np.isfinite(a).all() for a in stats):
         raise UserError("statistics contain NaN or inf; check the images and the weights file")
     # S1 = F F^T with F = V sqrt(W) (eigenvectors V, eigenvalues W); the nonzero eigenvalues of
@@ -260,20 +267,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 def inception_score(logits, split_size=5000):
     """ADM's IS: softmax over all 1008 outputs, exp(mean KL(p || mean p)) per split of 5000
     consecutive samples (a partial last one counts); the mean over splits."""
-    probs = torch.softmax(logits.float(), dim=1).double()  # float32 softmax as the TF graph
-    # plain logs as ADM; xlogy makes 0 log 0 = 0 where ADM would return NaN
-    kls = [torch.special.xlogy(p, p) - p * p.mean(0).log() for p in probs.split(split_size)]
-    return np.mean([kl.sum(1).mean().exp().item() for kl in kls])  # a float (np.float64)
+    probs = torch.softmax(logits, 1).double()  # float32 logits: a float32 softmax as the TF graph
+    # KL(p || mean p) per sample, summed over classes: plain logs as ADM; xlogy makes 0 log 0 = 0
+    # where ADM would return NaN. The mean over splits is a float (np.float64)
+    return np.mean(
+        [
+            (torch.special.xlogy(p, p) - p * p.mean(0).log()).sum(1).mean().exp().item()
+            for p in probs.split(split_size)
+        ]
+    )
 
 
-def precision_recall(ref_feats, sample_feats, k=3):
+def precision_recall(ref, sam, k=3):
     """Improved precision/recall (Kynkaanniemi et al. 2019) of pool3 features, as ADM's: a point
     is covered when it lies within some other set's point's radius, the distance to that point's
     k = 3rd nearest neighbour (float32 distances where ADM uses float16, EVAL.md §4)."""
-    ref, sam = torch.as_tensor(ref_feats), torch.as_tensor(sample_feats)  # (N, 2048) float32
-    if min(len(ref), len(sam)) <= k:
+    ref, sam = map(torch.as_tensor, (ref, sam))  # (N, 2048) float32, from numpy or torch
+    if len(ref) <= k or len(sam) <= k:
         warnings.warn(f"precision/recall need more than k={k} images per set; skipped")
-        return float("nan"), float("nan")
+        return np.nan, np.nan
 
     def covered(points, centres):  # fraction of points within (<=) some centre's k-NN radius
         # radius: distance to the k-th neighbour (position 0 is the centre itself); rows in
@@ -292,49 +304,42 @@ def precision_recall(ref_feats, sample_feats, k=3):
 # Inputs: ADM .npz (arr_0 streamed in batches), statistics .npz, image folders
 
 
-def npz_images(path, batch_size):
-    """(count, iterator of (B, 3, H, W) uint8 batches) over arr_0, never loaded whole (as ADM)."""
-    f = zipfile.ZipFile(path).open("arr_0.npy")
-    # np.savez writes format 1.0 (2.0 only for headers over 64 KiB: never for an image array)
-    np.lib.format.read_magic(f)
-    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-    if dtype != np.uint8 or shape[3:] != (3,):  # N x H x W x 3
-        raise UserError(f"{path}: arr_0 must be uint8 N x H x W x 3 images, got {dtype} {shape}")
-
-    def batches():
-        with f:
-            for _ in range(0, shape[0], batch_size):  # the last read returns what is left
-                images = np.frombuffer(f.read(batch_size * np.prod(shape[1:])), np.uint8)
-                yield torch.tensor(images.reshape(-1, *shape[1:])).permute(0, 3, 1, 2)
-
-    return shape[0], batches()
-
-
 def load_images(image_size, files):
-    """Image files -> (B, 3, H, W) uint8, center-cropped as ADM to image_size when it is given
+    """Image files -> (B, H, W, 3) uint8, center-cropped as ADM to image_size when it is given
     (the collate function: each batch is decoded in a DataLoader worker)."""
-    images = [data.load_image(f) for f in files]
+    images = list(map(data.load_image, files))
     if image_size:
         images = [data.center_crop_arr(i, image_size) for i in images]
     try:
-        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        return torch.from_numpy(np.stack(images))
     except ValueError:  # np.stack: the shapes differ
         raise UserError("images differ in size; pass --image-size N to center-crop them to N x N")
 
 
 def open_images(path, args):
-    """(count, iterable of (B, 3, H, W) uint8 batches) from an image folder (recursive) or an
-    ADM .npz."""
-    if not os.path.isdir(path):
-        return npz_images(path, args.batch_size)
-    files = data.list_images(path)
-    if not files:
-        raise UserError(f"no images (png, jpg, jpeg, webp) found under {path}")
-    # the file list is the dataset; the collate function decodes each batch in the workers
-    collate = functools.partial(load_images, args.image_size)
-    return len(files), torch.utils.data.DataLoader(
-        files, args.batch_size, num_workers=args.num_workers, collate_fn=collate
-    )
+    """(count, iterable of (B, H, W, 3) uint8 batches) from an image folder (recursive) or from
+    the arr_0 of an ADM .npz, streamed: never loaded whole (as ADM)."""
+    if os.path.isdir(path):
+        files = data.list_images(path)
+        if not files:
+            raise UserError(f"no images (png, jpg, jpeg, webp) found under {path}")
+        # the file list is the dataset; the collate function decodes each batch in the workers
+        return len(files), torch.utils.data.DataLoader(
+            files,
+            args.batch_size,
+            num_workers=args.num_workers,
+            collate_fn=functools.partial(load_images, args.image_size),
+        )
+    f = zipfile.ZipFile(path).open("arr_0.npy")
+    # the magic string and the version: np.savez writes format 1.0 (2.0 only for headers over
+    # 64 KiB: never for an image array)
+    f.read(8)
+    (count, *image), _, dtype = np.lib.format.read_array_header_1_0(f)  # image: H, W, 3
+    if dtype != np.uint8 or image[2:] != [3]:
+        raise UserError(f"{path}: arr_0 must be uint8 N x H x W x 3 images, got {dtype} {image}")
+    # batch_size images a read (the last read returns what is left; then b"": the end)
+    chunks = iter(lambda: f.read(args.batch_size * np.prod(image)), b"")
+    return count, (torch.tensor(np.frombuffer(c, np.uint8).reshape(-1, *image)) for c in chunks)
 
 
 def statistics(pool3, spatial, mode):
@@ -351,7 +356,7 @@ def extract(model, count, batches, args, desc, sets=1):
     outputs = []  # [batch] -> pool3 (B, 2048), spatial (B, 2023) on the CPU
     with tqdm(total=count, desc=f"{desc} ({args.mode})", unit="img", disable=None) as bar:
         for x in batches:
-            outputs.append([f.cpu() for f in model(x.to(args.device), args.mode)[:2]])
+            outputs.append([f.cpu() for f in model(x.to(args.device), args.mode)])
             bar.update(len(x))
     pool3, spatial = (torch.cat(f).numpy() for f in zip(*outputs))  # (N, 2048), (N, 2023)
     return [statistics(pool3[i::sets], spatial[i::sets], args.mode) for i in range(sets)]
@@ -359,26 +364,27 @@ def extract(model, count, batches, args, desc, sets=1):
 
 def load_set(path, model, args):
     """Statistics of a folder or .npz of images, or read from a statistics .npz (ADM's or ours)."""
-    if not os.path.isdir(path):
-        try:
-            with np.load(path) as f:
-                stats = {k: f[k] for k in f.files if k != "arr_0"}
-                has_images = "arr_0" in f.files
-        except Exception as e:  # not a zip: a renamed .npy (np.load gives an array), text, ...
-            raise UserError(f"cannot read {path} as .npz ({type(e).__name__})") from None
-        if set(STAT_KEYS) <= set(stats):  # precomputed: ADM's reference batch, or --save-stats
-            if "pool3" not in stats and has_images:  # ADM's: its 10k images serve for P/R
-                stats["pool3"] = extract(model, *open_images(path, args), args, path)[0]["pool3"]
-            stats.setdefault("mode", "adm")  # the ADM batch came from the TF graph
-            if stats["mode"] != args.mode:
-                warnings.warn(
-                    f"{path} holds statistics for mode {stats['mode']}, not {args.mode}: "
-                    "FIDs will be biased"
-                )
-            return stats
-        if not has_images:
-            raise UserError(f"{path} holds neither arr_0 images nor {', '.join(STAT_KEYS)}")
-    return extract(model, *open_images(path, args), args, os.path.basename(path))[0]
+    images = lambda: extract(model, *open_images(path, args), args, path)[0]
+    if os.path.isdir(path):
+        return images()
+    try:
+        with np.load(path) as f:
+            stats = {k: f[k] for k in f.files if k != "arr_0"}
+            has_images = "arr_0" in f.files
+    except Exception as e:  # not a zip: a renamed .npy (np.load gives an array), text, ...
+        raise UserError(f"cannot read {path} as .npz ({type(e).__name__})") from None
+    if set(STAT_KEYS) <= set(stats):  # precomputed: ADM's reference batch, or --save-stats
+        if "pool3" not in stats and has_images:  # ADM's: its 10k images serve for P/R
+            stats["pool3"] = images()["pool3"]
+        mode = stats.get("mode", "adm")  # the ADM batch came from the TF graph
+        if mode != args.mode:
+            warnings.warn(
+                f"{path} holds statistics for mode {mode}, not {args.mode}: FIDs will be biased"
+            )
+        return stats
+    if not has_images:
+        raise UserError(f"{path} holds neither arr_0 images nor {', '.join(STAT_KEYS)}")
+    return images()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,20 +401,26 @@ def reconstruct(model, args):
     codes, psnrs = set(), []
 
     def pairs():  # each image, then its reconstruction: one Inception pass for both sets
-        for x in batches:  # (B, 3, H, W) uint8 on the CPU
-            try:
-                quant, _, indices = tokenizer.encode(x.to(args.device) / 127.5 - 1)
+        for x in batches:  # (B, H, W, 3) uint8 on the CPU
+            try:  # the tokenizer takes (B, 3, H, W) in [-1, 1]
+                quant, _, indices = tokenizer.encode(x.to(args.device).movedim(-1, 1) / 127.5 - 1)
             except ValueError as e:  # a size that is no multiple of the tokenizer's downsampling
                 raise UserError(f"{e} (--image-size)") from None
             codes.update(indices.tolist())
-            rec = data.to_uint8(tokenizer.decode(quant)).permute(0, 3, 1, 2)  # as x
+            rec = data.to_uint8(tokenizer.decode(quant))  # (B, H, W, 3) uint8, as x
             mse = (rec.float() - x).square().mean((1, 2, 3))  # per image, on uint8 values
             psnrs.extend((10 * torch.log10(255**2 / mse)).tolist())
-            yield torch.stack([x, rec], 1).flatten(0, 1)  # (2B, 3, H, W)
+            yield torch.stack([x, rec], 1).flatten(0, 1)  # (2B, H, W, 3)
 
     originals, recon = extract(model, 2 * count, pairs(), args, "originals + reconstructions", 2)
-    usage = len(codes) / tokenizer.config.codebook_size
-    return originals, recon, {"PSNR (dB)": np.mean(psnrs), "Codebook usage": usage}
+    return (
+        originals,
+        recon,
+        {
+            "PSNR (dB)": np.mean(psnrs),
+            "Codebook usage": len(codes) / tokenizer.config.codebook_size,
+        },
+    )
 
 
 def parse_args(argv=None):
@@ -416,72 +428,78 @@ def parse_args(argv=None):
         description="FID, sFID, IS, precision/recall of image sets; rFID of a tokenizer",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("paths", nargs="+", help="REFERENCE SAMPLES: image folders or .npz files")
-    p.add_argument("--mode", choices=MODES, default="adm", help="adm (TF1 resize) or pytorch-fid")
-    p.add_argument("--batch-size", type=int, default=64, help="images per Inception pass")
-    p.add_argument(
+    arg = p.add_argument
+    arg("paths", nargs="+", help="REFERENCE SAMPLES: image folders or .npz files")
+    arg("--mode", choices=MODES, default="adm", help="adm (TF1 resize) or pytorch-fid")
+    arg("--batch-size", type=int, default=64, help="images per Inception pass")
+    arg(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda if there is a GPU",
     )
-    p.add_argument("--num-workers", type=int, default=common.NUM_WORKERS, help="image decoders")
-    p.add_argument("--image-size", type=int, help="center-crop folder images to N x N (rFID: 256)")
-    p.add_argument(
+    arg("--num-workers", type=int, default=common.NUM_WORKERS, help="image decoders")
+    arg("--image-size", type=int, help="center-crop folder images to N x N (rFID: 256)")
+    arg(
         "--inception-weights",
         help="pt_inception-2015-12-05-6726825d.pth (none: downloaded), or 'random' (seeded "
         "random weights, offline: only for comparing runs made the same way)",
     )
-    p.add_argument("--save-stats", help=".npz for the last path's (rFID: originals') statistics")
-    p.add_argument("--rfid", action="store_true", help="reconstruct one path through --vq-ckpt")
-    p.add_argument("--vq-ckpt", help="the tokenizer for --rfid")
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Every mistake on the command line, found before the weights download and the long
-    feature extraction rather than after them (issue 13)."""
+    arg("--save-stats", help=".npz for the last path's (rFID: originals') statistics")
+    arg("--rfid", action="store_true", help="reconstruct one path through --vq-ckpt")
+    arg("--vq-ckpt", help="the tokenizer for --rfid")
+    args = p.parse_args(argv)
+    # every mistake on the command line is found here, before the weights download and the
+    # long feature extraction rather than after them (issue 13)
+    # two sets to compare, or one whose statistics are saved; --rfid: one set to reconstruct
     n = len(args.paths)
-    if args.rfid and (n > 1 or not args.vq_ckpt):
-        raise UserError("--rfid needs --vq-ckpt CKPT and one image folder or .npz")
-    if n > 2 or n == 1 and not (args.save_stats or args.rfid):
-        raise UserError("give REFERENCE SAMPLES, or one path with --save-stats PATH")
+    if n > 2 - args.rfid or not (args.vq_ckpt if args.rfid else n == 2 or args.save_stats):
+        raise UserError(
+            "give REFERENCE SAMPLES, one path with --save-stats PATH, "
+            "or one path with --rfid --vq-ckpt CKPT"
+        )
     for path in args.paths:
         if not (os.path.isdir(path) or os.path.isfile(path) and path.endswith(".npz")):
             raise UserError(
                 f"{path} is not an existing image folder or .npz file (ADM arr_0 images and/or "
                 "statistics, or --save-stats output)"
             )
-    if args.save_stats:  # its nearest existing folder: atomic_write creates the ones below
-        folder = os.path.dirname(os.path.abspath(args.save_stats))
-        while not os.path.exists(folder):
-            folder = os.path.dirname(folder)
-        writable = os.path.isdir(folder) and os.access(folder, os.W_OK)
-        if not (args.save_stats.endswith(".npz") and writable):
+    if args.save_stats:
+        # its nearest existing folder must be writable: atomic_write creates the ones below it
+        folder = Path(args.save_stats).resolve().parent
+        while not folder.exists():  # "/" exists: the walk ends
+            folder = folder.parent
+        if not (
+            args.save_stats.endswith(".npz") and folder.is_dir() and os.access(folder, os.W_OK)
+        ):
             raise UserError(f"--save-stats {args.save_stats}: not a writable .npz file path")
+    return args
 
 
 def main(args):
-    check_args(args)
     torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, as the reference graph
     model = load_inception(args.inception_weights).to(args.device)
     # the label printed beside every number; random weights are never comparable with published FIDs
-    label = args.mode + ("/random-weights" if args.inception_weights == "random" else "")
+    label = args.mode + "/random-weights" * (args.inception_weights == "random")
     if args.rfid:  # the reference is the originals, the samples their reconstructions
-        ref, sam, extra = reconstruct(model, args)
+        *sets, extra = reconstruct(model, args)
     else:
-        sets = [load_set(path, model, args) for path in args.paths]
-        ref, sam, extra = sets[0], sets[-1], {}
+        sets, extra = [load_set(path, model, args) for path in args.paths], {}
+    ref, sam = sets[0], sets[-1]
     if args.save_stats:
         with common.atomic_write(args.save_stats) as f:
             np.savez(f, **(ref if args.rfid else sam))
         print(f"saved the statistics of {args.paths[-1]} to {args.save_stats}")
     if ref is sam:  # one path, no --rfid: its statistics were all there was to do
         return {}
-    fid = frechet_distance(ref["mu"], ref["sigma"], sam["mu"], sam["sigma"])
-    results = {"rFID" if args.rfid else "FID": fid}
-    results["sFID"] = frechet_distance(ref["mu_s"], ref["sigma_s"], sam["mu_s"], sam["sigma_s"])
-    if "pool3" in sam and not args.rfid:  # logits = pool3 @ fc.weight.T: pool3 is enough
-        logits = torch.as_tensor(sam["pool3"]) @ model.fc.weight.detach().cpu().T
+    # FID on the pool3 statistics (mu, sigma), sFID on the spatial ones (mu_s, sigma_s)
+    fd = lambda s: frechet_distance(
+        ref["mu" + s], ref["sigma" + s], sam["mu" + s], sam["sigma" + s]
+    )
+    results = {"rFID" if args.rfid else "FID": fd(""), "sFID": fd("_s")}
+    # rFID too: LlamaGen's tokenizer evaluation runs the ADM evaluator (IS included) on the
+    # reconstructions
+    if "pool3" in sam:  # the graph's logits: pool3 @ fc.weight.T, no bias
+        logits = torch.as_tensor(sam["pool3"]) @ model.fc.weight.cpu().T  # (N, 1008)
         results["Inception Score"] = inception_score(logits)
     if "pool3" in ref and "pool3" in sam:
         results["Precision"], results["Recall"] = precision_recall(ref["pool3"], sam["pool3"])

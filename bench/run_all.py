@@ -497,7 +497,7 @@ def fid_section(bench):
     eigendecompositions in float64)."""
     batch, size, steps, dim = bench.plan["fid"]
     model = fid.load_inception("random").to(bench.device)
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)  # NHWC, as arr_0
     torch.backends.cudnn.allow_tf32 = False
     # fewer images than feature dimensions: fid warns that such an FID is biased; no FID here
     warnings.filterwarnings("ignore", "only .* images for")

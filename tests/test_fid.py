@@ -140,10 +140,8 @@ def weights_file(net, tmp_path_factory):
 
 def test_output_shapes(net):
     with torch.no_grad():
-        pool3, spatial, logits = net(torch.randint(0, 256, (1, 3, 64, 48), dtype=torch.uint8))
-    assert (
-        pool3.shape == (1, 2048) and spatial.shape == (1, 17 * 17 * 7) and logits.shape == (1, 1008)
-    )
+        pool3, spatial = net(torch.randint(0, 256, (1, 64, 48, 3), dtype=torch.uint8), "adm")
+    assert pool3.shape == (1, 2048) and spatial.shape == (1, 17 * 17 * 7)
     assert torch.isfinite(pool3).all() and pool3.abs().max() > 0
 
 
@@ -163,7 +161,9 @@ def test_matches_pytorch_fid(net):
     ]  # at 299 the ADM resize is the identity
     for key, x, mode in cases:
         with torch.no_grad():
-            got = dict(zip(("pool3", "spatial", "logits"), net(x, mode)))
+            pool3, spatial = net(x.movedim(1, -1), mode)  # the network takes (B, H, W, 3)
+        # the logits of the graph (for IS) are pool3 @ fc.weight.T, as main() computes them
+        got = dict(pool3=pool3, spatial=spatial, logits=pool3 @ net.fc.weight.T)
         for name, want in ref[key].items():
             scale = want.abs().max().item()
             assert scale > 1e-3
@@ -318,12 +318,13 @@ def test_tf1_resize_hand_cases():
 
 
 def test_preprocess_normalisation():
-    x = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
-    assert torch.equal(
-        fid.preprocess(x, "adm"), (x.float() - 128) / 128
-    )  # resize is the identity at 299
-    torch.testing.assert_close(fid.preprocess(x, "pytorch-fid"), 2 * (x.float() / 255) - 1)
-    assert fid.preprocess(torch.zeros(2, 3, 32, 40, dtype=torch.uint8)).shape == (2, 3, 299, 299)
+    x = torch.randint(0, 256, (1, 299, 299, 3), dtype=torch.uint8)  # (B, H, W, 3) in
+    nchw = x.permute(0, 3, 1, 2).float()  # (B, 3, H, W) out
+    assert torch.equal(fid.preprocess(x, "adm"), (nchw - 128) / 128)  # resize: identity at 299
+    torch.testing.assert_close(fid.preprocess(x, "pytorch-fid"), 2 * (nchw / 255) - 1)
+    for mode in fid.MODES:
+        image = torch.zeros(2, 32, 40, 3, dtype=torch.uint8)
+        assert fid.preprocess(image, mode).shape == (2, 3, 299, 299)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -453,6 +454,9 @@ def test_command_line_mistakes_are_one_line_before_any_work(tmp_path, capsys, no
     assert "REFERENCE SAMPLES" in _cli_error([str(images)], capsys)  # one path, nothing to do
     assert "REFERENCE SAMPLES" in _cli_error([str(images)] * 3, capsys)
     assert "--vq-ckpt" in _cli_error(["--rfid", str(images)], capsys)
+    assert "--rfid" in _cli_error(
+        ["--rfid", "--vq-ckpt", "vq.pt", str(images), str(images)], capsys
+    )
     (tmp_path / "file").write_text("not a folder")
     for bad in ["stats.npy", "file/stats.npz", "file/sub/stats.npz", "."]:
         out = str(tmp_path / bad)
@@ -469,7 +473,7 @@ def test_unwritable_save_stats_folder_fails_before_any_work(tmp_path, capsys, no
     real_access = os.access
     locked = tmp_path / "locked"
     locked.mkdir()
-    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and p != str(locked))
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and Path(p) != locked)
     for out in [locked / "stats.npz", locked / "new" / "folders" / "stats.npz"]:
         err = _cli_error([str(images), "--save-stats", str(out)], capsys)
         assert "not a writable .npz file path" in err
@@ -493,13 +497,34 @@ def test_wrong_inception_weights_are_one_line(tmp_path, capsys):
         assert why in _cli_error(argv, capsys), name
 
 
+def test_bad_npz_contents_are_one_line(tmp_path, capsys):
+    """.npz files of the wrong kind, found when they are read: each stops with one line. A single
+    image has no covariance: frechet_distance's NaN check stops it (no check of its own)."""
+    np.save(tmp_path / "array.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    os.rename(tmp_path / "array.npy", tmp_path / "renamed.npz")  # an .npy under an .npz name
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    for name, why in [
+        ("renamed.npz", "cannot read"),
+        ("other.npz", "holds neither arr_0 images nor mu, sigma"),
+        ("float.npz", "arr_0 must be uint8"),
+        ("one.npz", "statistics contain NaN"),
+    ]:
+        path = str(tmp_path / name)
+        with warnings.catch_warnings():  # one image: singular, and no precision/recall
+            warnings.simplefilter("ignore")
+            argv = [path, path, "--device", "cpu", "--inception-weights", "random"]
+            assert why in _cli_error(argv, capsys), name
+
+
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         fid.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "(default: 64)" in out and "(default: adm)" in out
     assert f"(default: {common.NUM_WORKERS})" in out
-    assert fid.parse_args(["x"]).num_workers == common.NUM_WORKERS
+    assert fid.parse_args([".", "."]).num_workers == common.NUM_WORKERS
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -511,7 +536,7 @@ def test_random_weights_are_seeded_and_labelled(tmp_path, capsys):
     a, b = fid.load_inception("random"), fid.load_inception("random")
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     with torch.no_grad():
-        pool3 = a(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))[0]
+        pool3 = a(torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8), "adm")[0]
     assert 1e-2 < pool3.std() < 1e2  # He init: no vanishing or exploding through 94 convs
     folder = _write_pngs(tmp_path / "a", 4, 24, seed=0)
     args = [str(folder), str(folder), "--device", "cpu", "--num-workers", "0"]
@@ -539,7 +564,7 @@ def test_npz_reference_with_precomputed_stats(net, weights_file, tmp_path, capsy
     samples = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=samples)
     with torch.no_grad():
-        pool3, spatial, _ = net(torch.from_numpy(samples).permute(0, 3, 1, 2))
+        pool3, spatial = net(torch.from_numpy(samples), "adm")  # arr_0's (B, H, W, 3)
     with pytest.warns(UserWarning, match="singular"):
         (mu, sigma), (mu_s, sigma_s) = (
             fid.compute_statistics(pool3.numpy()),
@@ -601,14 +626,11 @@ def test_folders_end_to_end_and_saved_stats(net, weights_file, tmp_path, capsys)
     with torch.no_grad():
         pool3 = net(
             torch.stack(
-                [
-                    torch.from_numpy(np.array(data.load_image(p))).permute(2, 0, 1)
-                    for p in sorted(b.iterdir())
-                ]
+                [torch.from_numpy(np.array(data.load_image(p))) for p in sorted(b.iterdir())]
             ),
             "pytorch-fid",
         )[0]
-    stats = fid.load_set(str(tmp_path / "b.npz"), None, fid.parse_args(["x"] + flags))
+    stats = fid.load_set(str(tmp_path / "b.npz"), None, fid.parse_args([str(a), str(a)] + flags))
     assert (
         stats["mode"] == "pytorch-fid"
         and stats["n"] == 4
@@ -651,6 +673,7 @@ def test_rfid_tiny_vq(weights_file, tmp_path, capsys):
     with pytest.warns(UserWarning):
         res = fid.main(args)
     assert res["rFID"] > 0 and 0 < res["PSNR (dB)"] < 60
+    assert res["Inception Score"] >= 1  # of the reconstructions, as the official evaluation
     # 3 images x (16/8)^2 tokens at most
     assert 0 < res["Codebook usage"] <= 3 * 2 * 2 / 1024
     assert "rFID (adm)" in capsys.readouterr().out
