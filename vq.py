@@ -35,22 +35,19 @@ class VQConfig:
     commit_loss_beta: float = 0.25
     entropy_loss_ratio: float = 0.0
     encoder_ch_mult: list = field(default_factory=lambda: [1, 1, 2, 2, 4])
-    decoder_ch_mult: list = None  # None: the encoder's, mirrored (every preset)
+    decoder_ch_mult: list = None  # None: the encoder's, mirrored (every preset; Coder reads it)
     z_channels: int = 256
     dropout_p: float = 0.0
     ch: int = 128  # base channels (official Encoder/Decoder default)
     num_res_blocks: int = 2  # per encoder level; the decoder uses num_res_blocks + 1
 
-    def __post_init__(self):
-        self.decoder_ch_mult = self.decoder_ch_mult or list(self.encoder_ch_mult)
-
     @property
-    def downsample(self) -> int:
+    def downsample(self):
         """Image pixels per token along each side: one halving per level but the last."""
         return 2 ** (len(self.encoder_ch_mult) - 1)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "VQConfig":
+    def from_name(cls, name: str, **overrides):
         """Preset by its exact name ("VQ-16"), with field overrides."""
         return cls(**VQ_CONFIGS[name] | overrides)
 
@@ -81,6 +78,8 @@ VQ_CONFIGS = {
 
 # Normalize(channels): GroupNorm with 32 groups and eps 1e-6, as the official tokenizer
 Normalize = partial(nn.GroupNorm, 32, eps=1e-6)
+# Conv3(in, out): the 3x3 convolution that keeps the size, the tokenizer's workhorse
+Conv3 = partial(nn.Conv2d, kernel_size=3, padding=1)
 
 
 class ResnetBlock(nn.Module):
@@ -89,10 +88,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch, out_ch, dropout):
         super().__init__()
         self.norm1 = Normalize(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3(in_ch, out_ch)
         self.norm2 = Normalize(out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv3(out_ch, out_ch)
         # official name; Identity has no weights, so the state dict is unchanged when in == out
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -125,7 +124,7 @@ class Resample(nn.Module):
     def __init__(self, ch, down):
         super().__init__()
         self.down = down
-        self.conv = nn.Conv2d(ch, ch, 3, stride=1 + down, padding=1 - down)
+        self.conv = Conv3(ch, ch, stride=1 + down, padding=1 - down)
 
     def forward(self, x):
         return self.conv(
@@ -142,7 +141,7 @@ class Level(nn.Module):
         self.res = nn.ModuleList(
             ResnetBlock(out_ch if i else in_ch, out_ch, dropout) for i in range(n_res)
         )
-        self.attn = nn.ModuleList(AttnBlock(out_ch) for _ in range(n_res if attn else 0))
+        self.attn = nn.ModuleList(AttnBlock(out_ch) for _ in range(n_res * attn))
 
     def forward(self, h):
         for i, res in enumerate(self.res):
@@ -163,7 +162,8 @@ def middle(ch, dropout):
 
 
 class Coder(nn.Module):
-    """The encoder or the decoder: mirror images built by one constructor and run by one forward.
+    """The encoder (up=False) or the decoder (up=True): mirror images built by one constructor
+    and run by one forward.
 
     Encoder (B, 3, H, W) -> (B, z_channels, H/ds, W/ds): conv_in, the levels from the highest
     resolution down (each but the last halves it: `downsample`), mid, norm_out, swish, conv_out.
@@ -174,30 +174,29 @@ class Coder(nn.Module):
     fixes both the state-dict key order and the random init, and forward runs them in that order.
     """
 
-    is_decoder = False
-
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg: VQConfig, up):
         super().__init__()
-        up = self.is_decoder
-        mult = cfg.decoder_ch_mult if up else cfg.encoder_ch_mult
-        n = len(mult)  # levels; level i has cfg.ch * mult[i] channels
-        c = cfg.ch * mult[-1] if up else cfg.ch  # the decoder starts at the lowest level's width
-        self.conv_in = nn.Conv2d(cfg.z_channels if up else 3, c, 3, padding=1)
+        # the levels' channel multipliers in the order they run: the decoder's from the lowest
+        # resolution up (decoder_ch_mult None: the encoder's)
+        mult = (cfg.decoder_ch_mult or cfg.encoder_ch_mult)[::-1] if up else cfg.encoder_ch_mult
+        n = len(mult) - 1  # resolution changes; level k has cfg.ch * mult[k] channels
+        c = cfg.ch * mult[0] if up else cfg.ch  # the decoder starts at the lowest level's width
+        self.conv_in = Conv3(cfg.z_channels if up else 3, c)
         if up:
             self.mid = middle(c, cfg.dropout_p)
         self.conv_blocks = nn.ModuleList()
-        for k in range(n):
-            i = n - 1 - k if up else k  # the level's index in mult (0 = highest resolution)
-            level = Level(c, cfg.ch * mult[i], cfg.num_res_blocks + up, i == n - 1, cfg.dropout_p)
-            c = cfg.ch * mult[i]
-            if k < n - 1:  # official names: encoder.conv_blocks.i.downsample, decoder's upsample
+        for k, m in enumerate(mult):
+            # attention at the lowest resolution: the encoder's last level, the decoder's first
+            level = Level(c, cfg.ch * m, cfg.num_res_blocks + up, k == n * (not up), cfg.dropout_p)
+            c = cfg.ch * m
+            if k < n:  # official names: encoder.conv_blocks.k.downsample, decoder's upsample
                 setattr(level, "upsample" if up else "downsample", Resample(c, down=not up))
             self.conv_blocks.append(level)
         if not up:
             self.mid = middle(c, cfg.dropout_p)
         self.norm_out = Normalize(c)
         # the decoder's conv_out weight is the "last layer" of the adaptive GAN weight (train_vq.py)
-        self.conv_out = nn.Conv2d(c, 3 if up else cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv3(c, 3 if up else cfg.z_channels)
 
     def forward(self, x):
         # the block lists are the encoder's levels then mid, the decoder's mid then levels
@@ -207,16 +206,6 @@ class Coder(nn.Module):
             for block in blocks:
                 h = block(h)
         return conv_out(F.silu(norm_out(h)))
-
-
-class Encoder(Coder):
-    """(B, 3, H, W) -> (B, z_channels, H/ds, W/ds)."""
-
-
-class Decoder(Coder):
-    """(B, z_channels, h, w) -> (B, 3, h*ds, w*ds)."""
-
-    is_decoder = True
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -231,23 +220,25 @@ class VectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
         w = self.embedding.weight.data  # official init: uniform in +-1/K, then onto the sphere
         w.uniform_(-1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
-        if cfg.codebook_l2_norm:
-            w.copy_(F.normalize(w, dim=-1))
+        w.copy_(self.normalize(w))
         # ring of the latest assignments (official name/size/dtype; every official file has it, so
         # the strict load needs it); -1 = empty slot, never counted
         self.register_buffer("codebook_used", torch.full((USAGE_RING,), -1.0))
 
+    def normalize(self, vectors):
+        """(..., C) -> onto the unit sphere when codebook_l2_norm (the default): then the nearest
+        code by distance is the nearest by cosine (Sec. 2.1)."""
+        return F.normalize(vectors, dim=-1) if self.cfg.codebook_l2_norm else vectors
+
     def codebook(self):
-        """(K, C) codebook rows as used for lookup (l2-normalised by default)."""
-        rows = self.embedding.weight
-        return F.normalize(rows, dim=-1) if self.cfg.codebook_l2_norm else rows
+        """(K, C) codebook rows as used for lookup."""
+        return self.normalize(self.embedding.weight)
 
     def forward(self, latents):
         """(B, C, h, w) -> (quant (B, C, h, w), (vq, commit, entropy, usage), indices (B*h*w,))."""
         cfg = self.cfg
-        latents = latents.permute(0, 2, 3, 1).contiguous()  # (B, h, w, C): raster order once flat
-        if cfg.codebook_l2_norm:
-            latents = F.normalize(latents, dim=-1)
+        # (B, h, w, C): raster order once flat
+        latents = self.normalize(latents.permute(0, 2, 3, 1).contiguous())
         flat = latents.flatten(0, 2)  # (N, C), N = B*h*w
         rows = self.codebook()  # (K, C)
         # squared distance |z|^2 + |e|^2 - 2 z.e, written out as official so ties break the same
@@ -260,9 +251,11 @@ class VectorQuantizer(nn.Module):
             # Sec. 2.1: codebook loss pulls the codes, beta-weighted commitment pulls the encoder
             vq_loss = torch.mean((quant - latents.detach()) ** 2)
             commit_loss = cfg.commit_loss_beta * torch.mean((quant.detach() - latents) ** 2)
-            entropy_loss = latents.new_zeros(())  # skip the (N, K) softmax when it is off
-            if cfg.entropy_loss_ratio:
-                entropy_loss = cfg.entropy_loss_ratio * entropy_loss_fn(-distance)
+            entropy_loss = (  # no (N, K) softmax when it is off
+                cfg.entropy_loss_ratio * entropy_loss_fn(-distance)
+                if cfg.entropy_loss_ratio
+                else latents.new_zeros(())
+            )
             usage = 0.0
             if cfg.codebook_show_usage:  # push the newest indices into the ring (the last 65,536
                 # when more come at once), then report unique seen codes / K
@@ -280,7 +273,7 @@ def entropy_loss_fn(affinity):
     low = each token sure of its code, high = codes used evenly across the batch."""
     logits = affinity / 0.01  # (N, K); the official temperature tau
     # the official adds 1e-5 inside log_softmax's log: a constant shift, no effect
-    probs, log_probs = F.softmax(logits, dim=-1), F.log_softmax(logits, dim=-1)
+    probs, log_probs = logits.softmax(-1), logits.log_softmax(-1)
     sample_entropy = -(probs * log_probs).sum(-1).mean()
     avg_probs = probs.mean(0)  # (K,)
     avg_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()
@@ -296,8 +289,8 @@ class VQModel(nn.Module):
     def __init__(self, config: VQConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.encoder = Coder(config, up=False)  # (B, 3, H, W) -> (B, z_channels, H/ds, W/ds)
+        self.decoder = Coder(config, up=True)  # (B, z_channels, h, w) -> (B, 3, h*ds, w*ds)
         self.quantize = VectorQuantizer(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
@@ -310,11 +303,11 @@ class VQModel(nn.Module):
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of {ds}: resize")
         return self.quantize(self.quant_conv(self.encoder(x)))
 
-    def decode(self, quant: torch.Tensor) -> torch.Tensor:
+    def decode(self, quant: torch.Tensor):
         """quant (B, C, h, w) -> images (B, 3, h*ds, w*ds), nominally in [-1, 1]."""
         return self.decoder(self.post_quant_conv(quant))
 
-    def decode_code(self, indices: torch.Tensor, shape=None) -> torch.Tensor:
+    def decode_code(self, indices: torch.Tensor, shape=None):
         """indices (B, h, w), (B, h*w) of a square grid, or flat with shape=(B, C, h, w)
         -> images (B, 3, h*ds, w*ds)."""
         K = self.config.codebook_size
@@ -333,7 +326,7 @@ class VQModel(nn.Module):
         return self.decode(quant), losses
 
     @classmethod
-    def from_checkpoint(cls, obj: dict, prefer_ema: bool = True) -> "VQModel":
+    def from_checkpoint(cls, obj: dict, prefer_ema: bool = True):
         """A loaded checkpoint -> VQModel in eval mode. Ours {"model", "ema", "config"}; official
         {"model": sd} (its config read off the keys and shapes); or a bare state dict."""
         # the first container present, else obj is the state dict itself: the EMA weights first as
@@ -357,11 +350,11 @@ def infer_config(sd):
     so the table says what an official file is; the strict load that follows names any key or
     shape that still disagrees."""
     K, C = sd["quantize.embedding.weight"].shape
-
-    def agreement(config):
-        with torch.device("meta"):  # shapes only: no memory, no init
-            want = VQModel(config).state_dict()
-        return sum(k in sd and sd[k].shape == v.shape for k, v in want.items())
-
-    configs = (VQConfig.from_name(n, codebook_size=K, codebook_embed_dim=C) for n in VQ_CONFIGS)
-    return max(configs, key=agreement)
+    with torch.device("meta"):  # shapes only: no memory, no init
+        models = [
+            VQModel(VQConfig.from_name(n, codebook_size=K, codebook_embed_dim=C))
+            for n in VQ_CONFIGS
+        ]
+    # how many of a model's keys sd has, with the same shape
+    agreement = lambda m: sum(k in sd and sd[k].shape == v.shape for k, v in m.state_dict().items())
+    return max(models, key=agreement).config

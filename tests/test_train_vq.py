@@ -65,7 +65,7 @@ def read_log(run_dir):
 def random_lpips():
     """LPIPS with random trunk weights and positive heads (as the real ones)."""
     lpips = LPIPS(pretrained=False)
-    lpips.load_weights(fake_vgg(classifier=False), heads())
+    lpips.load_state_dict({**fake_vgg(classifier=False), **heads()})
     return lpips
 
 
@@ -102,24 +102,27 @@ def test_lpips_keys_are_the_official_files_keys():
     assert set(lpips.state_dict()) == set(vgg) | set(lin) and len(vgg) == 26
     convs = [i for i, m in enumerate(lpips.features) if isinstance(m, torch.nn.Conv2d)]
     assert convs == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's indices
-    lpips.load_weights(vgg, lin)
+    lpips.load_state_dict({**vgg, **lin})  # strict
     assert torch.equal(lpips.lin3.model[1].weight, lin["lin3.model.1.weight"])
     assert torch.equal(lpips.features[17].bias, vgg["features.17.bias"])
 
 
-def test_lpips_rejects_wrong_files():
-    lpips, vgg = LPIPS(pretrained=False), fake_vgg(classifier=False)
-    with pytest.raises(UserError, match="lin0.model.1.weight"):
-        lpips.load_weights(vgg, heads(conv=0))  # no dropout: the conv is model.0
-    with pytest.raises(UserError, match="lin4.model.1.weight"):
-        lpips.load_weights(vgg, heads(LPIPS_CHANNELS[:4]))  # a head missing
-    with pytest.raises(UserError, match="VGG16.*features.0.weight"):
-        lpips.load_weights(heads(), heads())  # the lin file passed as the trunk
-    with pytest.raises(UserError, match="classifier.0.weight"):
-        lpips.load_weights(fake_vgg(), heads())  # the whole VGG file: only its features
-    wide = {**vgg, "features.28.weight": torch.zeros(512, 512, 1, 1)}
-    with pytest.raises(UserError, match="size mismatch for features.28.weight"):
-        lpips.load_weights(wide, heads())
+def test_lpips_rejects_wrong_files(monkeypatch):
+    vgg = fake_vgg(classifier=False)
+    for weights, words in (
+        ({**vgg, **heads(conv=0)}, "lin0.model.1.weight"),  # no dropout: the conv is model.0
+        ({**vgg, **heads(LPIPS_CHANNELS[:4])}, "lin4.model.1.weight"),  # a head missing
+        (heads(), "VGG16.*features.0.weight"),  # the lin file alone, no trunk
+        ({**fake_vgg(), **heads()}, "classifier.0.weight"),  # the whole VGG file: only features
+        (
+            {**vgg, "features.28.weight": torch.zeros(512, 512, 1, 1), **heads()},
+            "size mismatch for features.28.weight",
+        ),
+    ):
+        monkeypatch.setattr(train_vq, "fetch_lpips_weights", lambda: weights)
+        with pytest.raises(UserError, match=words) as e:
+            LPIPS()
+        assert "--perceptual-weight 0" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_lpips_download_keeps_only_conv_weights(http_server, monkeypatch):
@@ -202,11 +205,12 @@ def test_adaptive_weight_ratio_and_clamp():
 
 
 @pytest.fixture
-def fake_lpips_files(tmp_path, monkeypatch):
-    """LPIPS weights of random numbers (positive heads) where the download would put them."""
-    vgg = common.save_checkpoint(fake_vgg(classifier=False), tmp_path / "vgg.pt")
-    lin = common.save_checkpoint(heads(), tmp_path / "lin.pt")
-    monkeypatch.setattr(train_vq, "fetch_lpips_weights", lambda: [vgg, lin])
+def fake_lpips_files():
+    """LPIPS weights of random numbers (positive heads) where the download puts them: in the
+    cache, so nothing is downloaded."""
+    cache = common.cache_dir()
+    common.save_checkpoint(fake_vgg(classifier=False), cache / train_vq.VGG16_FEATURES_FILE)
+    common.save_checkpoint(heads(), cache / train_vq.LIN_FILE)
 
 
 def test_few_step_run_writes_checkpoint_log_grid(toy_folder, tmp_path, fake_lpips_files, capsys):

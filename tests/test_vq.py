@@ -49,8 +49,13 @@ def test_preset_names():
     )
     assert VQConfig.from_name("VQ-16").downsample == 16
     assert VQConfig.from_name("VQ-16", codebook_size=4096).codebook_size == 4096
-    assert VQConfig.from_name("VQ-8").decoder_ch_mult == [1, 2, 2, 4]  # mirrors the encoder
-    assert VQConfig(decoder_ch_mult=[1, 2]).decoder_ch_mult == [1, 2]
+    # None: the decoder mirrors the encoder (test_official_manifest checks VQ-8's layers); a given
+    # decoder_ch_mult is used: this decoder starts at 128 * 2 channels, the encoder ends at 128
+    assert VQConfig.from_name("VQ-8").decoder_ch_mult is None
+    with torch.device("meta"):
+        asymmetric = VQModel(VQConfig(encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 2]))
+    assert asymmetric.decoder.conv_in.out_channels == 256
+    assert asymmetric.encoder.conv_out.in_channels == 128
     with pytest.raises(KeyError):  # exact names only: "16" -> "VQ-16" is common.preset's job
         VQConfig.from_name("16")
     assert common.preset(VQ_CONFIGS, "16") == "VQ-16"
