@@ -45,7 +45,8 @@ def test_image_folder_classes_sorted_and_augmentation_deterministic(toy_folder):
     x2, _ = ds[5]
     assert x1.shape == (3, 32, 32) and x1.min() >= -1 and x1.max() <= 1 and torch.equal(x1, x2)
     assert torch.equal(ds[(0, 5)][0], x1)  # a plain index is epoch 0
-    assert any(not torch.equal(ds[(1, i)][0], ds[(0, i)][0]) for i in range(8))  # new epoch, new crops
+    # a new epoch draws new crops
+    assert any(not torch.equal(ds[(1, i)][0], ds[(0, i)][0]) for i in range(8))
 
 
 def test_tiny_imagenet_val_layout(tmp_path):

@@ -43,7 +43,8 @@ def quickstart_commands(cut_down=False):
 
 
 def run(commands, workdir, env=None):
-    """Run each `python X.py ...` line with this interpreter in `workdir`; yields (line, seconds, output)."""
+    """Run each `python X.py ...` line with this interpreter in `workdir`.
+    Yields (line, seconds, output)."""
     for line in commands:
         argv = shlex.split(line)
         assert argv[0] == "python", line
@@ -91,7 +92,8 @@ def test_file_map_lists_every_script_with_its_line_count():
 
 
 def readme_command_lines():
-    """(script, argv) of every `python X.py ...` / `torchrun ... X.py ...` line in the README's code blocks."""
+    """(script, argv) of every `python X.py ...` / `torchrun ... X.py ...` line in the README's
+    code blocks."""
     blocks = re.findall(r"```(?:bash)?\n(.*?)```", README.read_text(), flags=re.S)
     for line in (
         l.split("#")[0].strip() for b in blocks for l in b.replace("\\\n", " ").splitlines()
