@@ -175,9 +175,11 @@ def setup(precision=None) -> Env:
     """Start (or join) the processes, pick the device, the CPU threads and the precision, once."""
     cuda = torch.cuda.is_available()
     distributed = "RANK" in os.environ  # launched by torchrun
-    if "OMP_NUM_THREADS" not in os.environ:  # else the user's choice wins
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # processes torchrun starts here
+    if "OMP_NUM_THREADS" not in os.environ and per_node > 1:  # else the user's (or torch's) choice
         # torch's default (a thread per core in every process) oversubscribes under torchrun,
-        # and OpenMP threads that wait on each other made steps 10-35x slower on a busy machine
+        # and OpenMP threads that wait on each other made steps 10-35x slower on a busy machine;
+        # one process keeps torch's default (cores / 1) or what its caller already set
         torch.set_num_threads(cpus_per_process())
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
