@@ -541,25 +541,31 @@ def generate(
 
 
 def _jacobi(feed, tokens, n0, window, grid, generator):
-    """Speculative Jacobi decoding (Teng et al., ICLR 2025, arXiv 2410.01699): fill tokens
-    (B, L) in place from n0 accepted tokens per row; each forward pass (`feed`) feeds up to
-    `window` drafts past the furthest row and checks every row's drafts, plus one more draft
-    whose p the pass gives but which is not fed.
+    """Speculative Jacobi decoding (Teng et al., ICLR 2025, arXiv 2410.01699) with coupled draft
+    updates (So et al., arXiv 2510.24211): fill tokens (B, L) in place from n0 accepted tokens
+    per row; each forward pass (`feed`) feeds up to `window` drafts past the furthest row and
+    checks every row's drafts, plus one more draft whose p the pass gives but which is not fed.
 
     Why the distribution stays exact: a draft x_i was drawn from a known q_i. Given the tokens
     before it, the pass gives the true next-token distribution p_i (guided and filtered exactly
-    as ordinary sampling). Accepting x_i with probability min(1, p_i(x_i) / q_i(x_i)), and else
+    as ordinary sampling). Keeping x_i with probability min(1, p_i(x_i) / q_i(x_i)), and else
     drawing from normalize(max(0, p_i - q_i)), yields x_i ~ p_i: P(x) = min(q(x), p(x)) +
     (1 - sum_y min(q(y), p(y))) * (p(x) - min(q(x), p(x))) / (1 - sum_y min(q(y), p(y))) = p(x).
-    Each row stops at its own first rejection (never at the batch minimum, which would bias it),
-    accepted tokens are never checked again, and p_i depends only on tokens before i, so the
-    drafts after a rejection may be anything drawn from a known q: we draw them from this pass's
-    p, so that every draft a row still has came from the last pass's p (q is that pass's output,
-    no (B, L, V) table). A fresh draft is the token one grid row above (the token to its left in
-    the top row): a point mass, q = one-hot, so it is accepted with probability p(x) (the
-    spatial prior of the paper). The KV cache holds only accepted tokens: each pass re-feeds
-    every row from the earliest token whose keys and values are not final, overwriting what a
-    rejected draft left there, and attends over the fed window causally."""
+    A row accepts its drafts up to and including the first one that was not kept (never the
+    batch minimum, which would bias it), and accepted tokens are never checked again.
+
+    The drafts after that one are updated by the same rule, with this pass's p, although the
+    tokens before them are not final: the rule makes the new draft exactly ~ p (its q for the
+    next pass) given those tokens, and p_i depends only on tokens before i. Drawing the new
+    drafts from p independently would be exact too (SJD), but would change almost every draft
+    of a flat distribution, and with it the context of every later draft; the rule keeps a
+    draft whenever p allows (a maximal coupling of q and p), so the drafts settle like a Jacobi
+    fixed point, and once the tokens before a draft stop changing, p = q (up to rounding) and
+    it is accepted. A fresh draft is the token one grid row above (the token to its left in the top
+    row), a point mass, q = one-hot: kept with probability p(x) (the spatial prior of the SJD
+    paper). The KV cache holds only accepted tokens: each pass re-feeds every row from the
+    earliest token whose keys and values are not final, overwriting what a draft left there,
+    and attends over the fed window causally."""
     (B, L), device = tokens.shape, tokens.device
     n = tokens.new_full((B, 1), n0)  # accepted tokens per row
     q = q_start = None  # the last pass's p (B, S', V), of tokens q_start+1..q_start+S'
@@ -580,15 +586,10 @@ def _jacobi(feed, tokens, n0, window, grid, generator):
         t = torch.arange(start + 1, end + 1, device=device)  # (S,) the tokens p and q are for
         p_x, q_x = (dist.gather(2, x[..., None])[..., 0] for dist in (p, q))  # (B, S)
         u = torch.rand(p_x.shape, generator=generator, device=device)
-        # accepted with probability min(1, p/q); tokens before n (all, in a finished row) stand
-        reject = (t >= n) & (u * q_x >= p_x)
-        # (B, 1) each row's first rejected token (end + 1: none); its residual normalize(max(0,
-        # p - q)) is never empty: a rejection means p(x) < q(x), so p > q somewhere
-        at = start + 1 + (~reject).cumprod(1).sum(1, keepdim=True)
-        p = torch.where((t == at)[..., None], (p - q).clamp(min=0), p)
-        # the rejected token is drawn from the residual, the ones after it afresh from p (in
-        # place: x views tokens); a row with no rejection keeps all its drafts
-        redo = t >= at
-        x[redo] = draw(p[redo], generator)
-        # accepted through `at`, or through `end` if nothing was rejected (a finished row: L)
-        n, q, q_start, drafted = at.clamp(max=end) + 1, p, start, end + 1
+        # kept with probability min(1, p/q); tokens before n (all, in a finished row) stand. A
+        # draft not kept has p(x) < q(x), so p > q somewhere: its residual is never empty
+        redo = (t >= n) & (u * q_x >= p_x)
+        x[redo] = draw((p - q).clamp(min=0)[redo], generator)  # in place: x views tokens
+        # (B, 1) accepted through the first redrawn token (or through `end`; a finished row: L)
+        n = start + 1 + (~redo).cumprod(1).sum(1, keepdim=True)
+        n, q, q_start, drafted = n.clamp(max=end) + 1, p, start, end + 1

@@ -24,8 +24,9 @@ go through google/flan-t5-xl (the optional transformers package, see text.py), o
 --caption-features gives precomputed T5 features; the defaults are the official cfg 7.5, top-k 1000.
 
 --jacobi-window W > 0 samples with speculative Jacobi decoding (gpt.generate; Teng et al. 2024,
-arXiv 2410.01699): exactly the distribution of ordinary sampling, in fewer sequential forward
-passes; the run prints the passes each image took (W = 0: one per token).
+arXiv 2410.01699, with coupled draft updates, arXiv 2510.24211): exactly the distribution of
+ordinary sampling, in fewer sequential forward passes; the run prints the passes each image took
+(W = 0: one per token).
 
 --complete shows what raster-order generation means: each image is centre-cropped to the GPT's size
 and encoded by the tokenizer; its first --keep-rows token rows are kept as a prefix and the GPT

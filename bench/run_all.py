@@ -3,8 +3,9 @@ as JSON, each figure beside its floor where one is defined.
 
     python bench/run_all.py --quick --json bench-quick.json   # tiny models on the CPU, < 1 min
     python bench/run_all.py --gpu-tests --json bench.json     # one GPU: released shapes, < 8 min
-    OMP_NUM_THREADS=1 python bench/run_all.py --only jacobi --batch 2   # CPU: Jacobi, GPT-B 256
-    python bench/run_all.py --jacobi-ckpt results/gpt/000-GPT-tiny/checkpoints/last.pt
+    OMP_NUM_THREADS=1 python bench/run_all.py --only jacobi --batch 1   # CPU: Jacobi, GPT-B 256
+    python bench/run_all.py --batch 1 --seeds 32 \
+        --jacobi-ckpt results/gpt/000-GPT-tiny/checkpoints/last.pt   # Jacobi, the quick start's GPT
 
 Random weights in the released shapes (speed does not depend on the values), nothing downloaded.
 What is measured (the sections of --only, in this order):
@@ -21,8 +22,9 @@ What is measured (the sections of --only, in this order):
 - fid: images/s of fid.extract (Inception, both preprocessing modes), and the float64 Frechet
   distance.
 - jacobi: speculative Jacobi decoding, gpt.generate(jacobi_window=W) for W in 0, 8, 16, 32, on
-  8 images with guidance: forward passes (one call on the [cond; null] batch counts once; every
-  pass serves all images) and wall time. Random weights overstate the step compression: their
+  --batch images with guidance (--cfg-scale): forward passes (one call on the [cond; null] batch
+  counts once; every pass serves all images) and wall time per call, the mean of --seeds calls
+  (call s: seed s, classes s, s+1, ...). Random weights overstate the step compression: their
   next-token distribution depends little on the earlier tokens, so a draft drawn from the last
   pass's p passes the check almost surely. The figure that counts comes from a trained model:
   --jacobi-ckpt, a checkpoint of train_gpt.py (the quick start's GPT-tiny, say).
@@ -247,7 +249,7 @@ def random_gpt(bench, preset, tokens, precision) -> gpt.GPT:
     return model.to({"bf16": torch.bfloat16}.get(precision, torch.float32)).eval()
 
 
-def sample(model, labels, precision, cfg_scale=CFG_SCALE, **kwargs) -> int:
+def sample(model, labels, precision, cfg_scale=CFG_SCALE, seed=0, **kwargs) -> int:
     """One gpt.generate call at the demo settings -> its forward passes."""
     stats, device = {}, labels.device
     with autocast(device, precision):
@@ -257,7 +259,7 @@ def sample(model, labels, precision, cfg_scale=CFG_SCALE, **kwargs) -> int:
             cfg_scale,
             top_k=TOP_K,
             stats=stats,
-            generator=torch.Generator(device).manual_seed(0),
+            generator=torch.Generator(device).manual_seed(seed),
             **kwargs,
         )
     return stats["forward_passes"]
@@ -366,29 +368,39 @@ def jacobi_section(bench):
         preset, tokens = bench.plan["jacobi"]
         model = random_gpt(bench, preset, tokens, precision)
         label = f"{preset} {tokens} tokens, random"
-    c, batch = model.config, bench.args.batch
-    cfg_scale = CFG_SCALE if c.class_dropout_prob > 0 else 1.0  # guidance needs the null class
-    labels = torch.arange(batch, device=device) % c.num_classes
+    c, (batch, seeds) = model.config, (bench.args.batch, bench.args.seeds)
+    # guidance needs the null class
+    cfg_scale = bench.args.cfg_scale if c.class_dropout_prob > 0 else 1.0
     ordinary = None
     for window in WINDOWS:
         if bench.out_of_time(f"jacobi W={window}"):
             continue
         passes = []
-        run = lambda: passes.append(
-            sample(model, labels, precision, cfg_scale, jacobi_window=window)
-        )
+
+        def run():  # seed s samples classes s, s+1, ...: every class, given enough seeds
+            for s in range(seeds):
+                labels = (torch.arange(batch, device=device) + s) % c.num_classes
+                kw = dict(seed=s, jacobi_window=window)
+                passes.append(sample(model, labels, precision, cfg_scale, **kw))
+
         seconds, _ = clock(device, run)
+        seconds /= seeds
         ordinary = ordinary or seconds
+        mean = sum(passes) / seeds
         bench.add(
             "jacobi",
             f"{label} W={window}",
-            passes[0],
+            mean,
             "passes",
             seconds=seconds,
-            step_compression=c.block_size / passes[0],
+            step_compression=c.block_size / mean,
             speedup=ordinary / seconds,
             window=window,
             batch=batch,
+            seeds=seeds,
+            cfg_scale=cfg_scale,
+            passes_min=min(passes),
+            passes_max=max(passes),
         )
 
 
@@ -551,6 +563,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--jacobi-ckpt", help="a train_gpt.py checkpoint: Jacobi windows on it (only, by default)"
     )
+    p.add_argument("--seeds", type=int, default=1, help="jacobi: calls per window, seeds 0, 1, ...")
+    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="jacobi: guidance scale")
     p.add_argument("--gpu-tests", action="store_true", help="first run the GPU-only tests")
     p.add_argument(
         "--budget",
@@ -558,8 +572,8 @@ def parse_args(argv=None):
         help="seconds after which no run starts (None: 360 on a GPU, no limit on a CPU)",
     )
     args = p.parse_args(argv)
-    if args.batch < 1:
-        p.error("--batch must be at least 1")
+    if args.batch < 1 or args.seeds < 1:
+        p.error("--batch and --seeds must be at least 1")
     args.only = args.only or (["jacobi"] if args.jacobi_ckpt else list(SECTIONS))
     return args
 

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gpt
 
@@ -104,6 +105,27 @@ def test_jacobi_accepts_most_drafts_of_a_confident_model():
     gpt.generate(model, labels, jacobi_window=16, stats=jacobi, generator=torch.Generator())
     assert ordinary["forward_passes"] == 64  # the prefill counts one
     assert jacobi["forward_passes"] < 64 / 3, jacobi
+
+
+def test_jacobi_keeps_a_draft_unless_its_distribution_moved():
+    """Coupled draft updates: on a Markov chain p(x_t | x_t-1) = 0.7 uniform + 0.3 [x_t = x_t-1]
+    over 32 codes (a fake `feed`, no model), a draft after a rejection is redrawn only with the
+    probability that its p moved (0.3 at most), so the next draft's context mostly stands and
+    whole runs are accepted. Drawing those drafts from p independently, as plain SJD does,
+    changes nearly all of them: 19 passes for 64 tokens (measured), against about 5.5 here."""
+    vocab, length, eps, passes = 32, 64, 0.3, []
+    for seed in range(20):
+        tokens = torch.zeros(1, length, dtype=torch.long)
+        generator = torch.Generator().manual_seed(seed)
+
+        def feed(start, end, last):  # fed token j -> p (1, last, V) of token j + 1
+            passes[-1] += 1
+            prev = F.one_hot(tokens[:, end - last : end], vocab)
+            return (1 - eps) / vocab + eps * prev
+
+        passes.append(0)
+        gpt._jacobi(feed, tokens, 1, length, 8, generator)
+    assert sum(passes) / len(passes) < 9, passes
 
 
 def test_jacobi_is_reproducible_and_window_0_is_ordinary_sampling():
