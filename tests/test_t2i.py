@@ -235,6 +235,17 @@ def test_generate_ignores_padded_slots_of_both_halves():
     assert not torch.equal(gpt.generate(model, emb, cfg_scale=4.0, top_k=1, emb_mask=mask), want)
 
 
+@pytest.mark.parametrize("window", [3, 16])
+def test_jacobi_windows_read_captions_like_ordinary_steps(window):
+    """Greedy (top-k 1) Jacobi decoding of padded captions, guided, gives ordinary greedy tokens:
+    its windows of several tokens see the same caption slots, mask and null caption."""
+    model, (emb, mask) = tiny_t2i(), left_padded_captions()
+    want = gpt.generate(model, emb, cfg_scale=7.5, top_k=1, emb_mask=mask)
+    stats = {}
+    got = gpt.generate(model, emb, 7.5, top_k=1, emb_mask=mask, jacobi_window=window, stats=stats)
+    assert torch.equal(got, want) and stats["forward_passes"] <= 16
+
+
 def test_generate_uses_the_checkpoint_null_caption(tmp_path):
     model = tiny_t2i()
     saved = torch.randn(120, D) * 3  # not what a fresh model would draw
