@@ -429,8 +429,8 @@ def probs(logits, temperature=1.0, top_k=0, top_p=1.0):
     """Logits (..., V) -> the distribution a token is drawn from: temperature, then top-k (keeps
     ties), then top-p (keeps the first token past p: the HF filter the official code uses)."""
     logits = logits / max(temperature, 1e-5)
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+    if 0 < top_k < logits.size(-1):  # top-k of all V tokens keeps all of them
+        kth = torch.topk(logits, top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
