@@ -139,6 +139,16 @@ def test_jacobi_is_reproducible_and_window_0_is_ordinary_sampling():
     )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_jacobi_decoding_on_gpu(device="cuda"):
+    model, labels = tiny(block_size=16, vocab_size=8).to(device), torch.tensor([0, 1, 2, 0])
+    labels = labels.to(device)
+    run = lambda w, **kw: gpt.generate(model, labels, 2.0, jacobi_window=w, **kw)
+    assert torch.equal(run(5, top_k=1), run(0, top_k=1))  # greedy: the same tokens
+    seeded = lambda: run(16, generator=torch.Generator(device).manual_seed(0))
+    assert torch.equal(seeded(), seeded())
+
+
 def greedy(model, labels, prefix, steps):
     """Teacher-forced greedy continuation: one full forward pass per new token."""
     seq = prefix
