@@ -557,15 +557,15 @@ def _jacobi(feed, tokens, n0, window, grid, generator):
     The drafts after that one are updated by the same rule, with this pass's p, although the
     tokens before them are not final: the rule makes the new draft exactly ~ p (its q for the
     next pass) given those tokens, and p_i depends only on tokens before i. Drawing the new
-    drafts from p independently would be exact too (SJD), but would change almost every draft
-    of a flat distribution, and with it the context of every later draft; the rule keeps a
-    draft whenever p allows (a maximal coupling of q and p), so the drafts settle like a Jacobi
-    fixed point, and once the tokens before a draft stop changing, p = q (up to rounding) and
-    it is accepted. A fresh draft is the token one grid row above (the token to its left in the top
+    drafts from p independently would be exact too (SJD), but would change almost every draft of
+    a flat distribution, and with it the context of every later draft; the rule keeps a draft
+    whenever p allows (a maximal coupling of q and p), so the drafts settle like a Jacobi fixed
+    point, and once the tokens before a draft stop changing, p = q (up to rounding) and it is
+    accepted. A fresh draft is the token one grid row above (the token to its left in the top
     row), a point mass, q = one-hot: kept with probability p(x) (the spatial prior of the SJD
     paper). The KV cache holds only accepted tokens: each pass re-feeds every row from the
-    earliest token whose keys and values are not final, overwriting what a draft left there,
-    and attends over the fed window causally."""
+    earliest token whose keys and values are not final, overwriting what a draft left there, and
+    attends over the fed window causally."""
     (B, L), device = tokens.shape, tokens.device
     n = tokens.new_full((B, 1), n0)  # accepted tokens per row
     q = q_start = None  # the last pass's p (B, S', V), of tokens q_start+1..q_start+S'
@@ -589,7 +589,7 @@ def _jacobi(feed, tokens, n0, window, grid, generator):
         # kept with probability min(1, p/q); tokens before n (all, in a finished row) stand. A
         # draft not kept has p(x) < q(x), so p > q somewhere: its residual is never empty
         redo = (t >= n) & (u * q_x >= p_x)
-        x[redo] = draw((p - q).clamp(min=0)[redo], generator)  # in place: x views tokens
+        x[redo] = draw((p[redo] - q[redo]).clamp(min=0), generator)  # in place: x views tokens
         # (B, 1) accepted through the first redrawn token (or through `end`; a finished row: L)
         n = start + 1 + (~redo).cumprod(1).sum(1, keepdim=True)
         n, q, q_start, drafted = n.clamp(max=end) + 1, p, start, end + 1
