@@ -483,8 +483,9 @@ def generate(
     so shapes stay static for CUDA graphs, and the caches stay for the next call.
     jacobi_window W > 0: speculative Jacobi decoding (`_jacobi`), the same distribution in fewer
     forward passes; W = 0 is ordinary sampling. stats: a dict that receives "forward_passes"
-    (the prefill counts one). generator: a torch.Generator for every random draw (same seed,
-    same tokens)."""
+    (the prefill counts one) and, with a Jacobi window, "accepted": per pass after the prefill,
+    each row's count of accepted tokens (bench/jacobi_map.py draws it). generator: a
+    torch.Generator for every random draw (same seed, same tokens)."""
     c, device = model.config, cond.device
     n_cond, L, t2i = c.cls_token_num, c.block_size, c.model_type == "t2i"
     if cfg_scale > 1.0 and not t2i and c.class_dropout_prob <= 0:
@@ -527,7 +528,7 @@ def generate(
     try:  # prefill, always eager -> token K
         tokens[:, K] = draw(feed(-n_cond, K)[:, -1], generator)
         if jacobi_window > 0:
-            _jacobi(feed, tokens, K + 1, jacobi_window, c.grid_size, generator)
+            _jacobi(feed, tokens, K + 1, jacobi_window, c.grid_size, generator, stats)
         else:
             for i in range(K + 1, L):  # feed token i - 1 -> token i
                 tokens[:, i] = draw(feed(i - 1, i, 1, decode_fn)[:, -1], generator)
@@ -540,7 +541,7 @@ def generate(
     return tokens
 
 
-def _jacobi(feed, tokens, n0, window, grid, generator):
+def _jacobi(feed, tokens, n0, window, grid, generator, stats=None):
     """Speculative Jacobi decoding (Teng et al., ICLR 2025, arXiv 2410.01699) with coupled draft
     updates (So et al., arXiv 2510.24211): fill tokens (B, L) in place from n0 accepted tokens
     per row; each forward pass (`feed`) feeds up to `window` drafts past the furthest row and
@@ -593,3 +594,5 @@ def _jacobi(feed, tokens, n0, window, grid, generator):
         # (B, 1) accepted through the first redrawn token (or through `end`; a finished row: L)
         n = start + 1 + (~redo).cumprod(1).sum(1, keepdim=True)
         n, q, q_start, drafted = n.clamp(max=end) + 1, p, start, end + 1
+        if stats is not None:  # each row's accepted tokens after each pass
+            stats.setdefault("accepted", []).append(n[:, 0].tolist())

@@ -252,12 +252,12 @@ def parse_labels(items, num_classes):
 
 
 @torch.no_grad()
-def draw(args, models, seed, cond, mask=None, prefix=None):
+def draw(args, models, seed, cond, mask=None, prefix=None, stats=None):
     """One gpt.generate call: cond = labels (B,) or caption features (B, 120, D) with their mask
     (B, 120); prefix (B, K) image tokens to keep -> images (B, 3, S, S) in [-1, 1], S the GPT's
     own size. Every random draw comes from one generator seeded with `seed`: the same seed, the
-    same images. Adds the call's forward passes to models.passes."""
-    stats = {}
+    same images. Adds the call's forward passes to models.passes; stats: gpt.generate's."""
+    stats = {} if stats is None else stats
     with models.env.ctx:
         tokens = gpt.generate(
             models.gpt,

@@ -13,8 +13,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common
 import gpt
@@ -22,9 +24,15 @@ import gpt
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "run_all.py"
 
-spec = importlib.util.spec_from_file_location("run_all", SCRIPT)
-run_all = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_all)
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_all, jacobi_map = load_script("run_all"), load_script("jacobi_map")
 
 
 def test_quick_plan_mirrors_the_full_one():
@@ -98,3 +106,33 @@ def test_jacobi_on_a_checkpoint_of_ours(tmp_path, monkeypatch, capsys):
         run_all.main(run_all.parse_args(["--jacobi-ckpt", str(tmp_path / "missing.pt")]))
     with pytest.raises(SystemExit):  # argparse: exit status 2 and a one-line usage error
         run_all.parse_args(["--only", "nothing"])
+
+
+def test_acceptance_passes_by_hand():
+    # prefill: token 0; then passes that accept tokens 1-2, 3, 4-7 (stats["accepted"] = 3, 4, 8)
+    got = jacobi_map.acceptance_passes([3, 4, 8], 8).tolist()
+    assert got == [1, 2, 2, 3, 4, 4, 4, 4]
+
+
+def test_jacobi_map_draws_each_tokens_pass(vq_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.manual_seed(0)  # a random GPT-tiny on VQ-tiny codes: 4 x 4 tokens, 32 px images
+    config = gpt.GPTConfig.from_name("GPT-tiny", vocab_size=1024, block_size=16, num_classes=4)
+    model = gpt.GPT(config)
+    torch.nn.init.normal_(model.output.weight, std=0.5)  # the init zeroes the head
+    stats = {}
+    gpt.generate(model, torch.tensor([1]), 4.0, jacobi_window=4, stats=stats)
+    passes = jacobi_map.acceptance_passes([n for (n,) in stats["accepted"]], 16)
+    # the prefill, then never back in time, and the last token in the last pass
+    assert passes[0] == 1 and (np.diff(passes) >= 0).all()
+    assert passes[-1] == stats["forward_passes"] > 1
+
+    vq_config = common.load_checkpoint(vq_ckpt)["config"]
+    ckpt = {"model": model.state_dict(), "config": asdict(config), "vq_config": vq_config}
+    argv = ["--gpt-ckpt", str(common.save_checkpoint(ckpt, tmp_path / "gpt.pt"))]
+    argv += ["--vq-ckpt", str(vq_ckpt), "--labels", "0", "1", "2"]
+    out = jacobi_map.main(jacobi_map.parse_args(argv + ["--out", str(tmp_path / "m.png")]))
+    side = 4 * jacobi_map.CELL  # 2 per row: (image, map) twice; 2 rows
+    assert Image.open(out).size == (2 * (2 * side + 8), 2 * (jacobi_map.CAPTION + side + 2) + 2)
+    with pytest.raises(common.UserError, match="draws a .png"):
+        jacobi_map.parse_args(argv + ["--out", str(tmp_path / "m.npz"), "--num-samples", "2"])
