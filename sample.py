@@ -76,7 +76,9 @@ Flags (their defaults follow below, with --help):
   --temperature, --top-k, --top-p
                         the sampling filters; top-k none given: 2000 (grid), 1000 (text), 0 =
                         off (.npz); top-p 1: off
-  --jacobi-window       draft tokens per forward pass (0: plain sampling, one pass per token)
+  --jacobi-window       draft tokens per forward pass (0: plain sampling, one pass per token);
+                        a latency tool: a batch waits for its slowest image, so it saves few
+                        passes on .npz shards or big grids (README, Jacobi decoding)
   --seed                the same seed draws the same images
   --batch-size          images per .npz shard (one gpt.generate call each)
   --nrow                images per grid row
