@@ -8,7 +8,7 @@ own), then its token grid with, in each cell, the forward pass that accepted the
 prefill is pass 1), shaded from light (early) to dark (late). Equal numbers side by side are
 tokens accepted together; numbers that climb by one along a row are corrections travelling one
 token per pass (README, speculative Jacobi decoding). Takes sample.py's flags (--cfg-scale,
---top-k, --seed, --jacobi-window: 16 unless given, ...); --out must be a .png.
+--top-k, --seed, --jacobi-window: 16 if not given or 0, ...); --out must be a .png.
 """
 
 import sys
