@@ -80,7 +80,8 @@ class Demo:
         if self.t2i:  # caption_condition builds an encoder per call: load FLAN-T5 only once
             text.TextEncoder = functools.lru_cache(maxsize=1)(text.TextEncoder)
         # the output head runs once per forward pass (the prefill counts one): a token counter
-        self.progress = dict(done=0, total=0, busy=False)
+        # with a Jacobi window, total (a pass per token) is only the most the call can take
+        self.progress = dict(done=0, total=0, busy=False, at_most=args.jacobi_window > 0)
         count = lambda *_: self.progress.update(done=self.progress["done"] + 1)
         self.model.output.register_forward_hook(count)
         # the demo classes of sample_c2i.py, or a small model's first classes in turn
@@ -351,7 +352,8 @@ async function poll() {
   const p = await (await fetch('/progress')).json();
   if (!running) return;
   $('bar').max = p.total || 1; $('bar').value = p.done;
-  $('status').textContent = p.busy ? `step ${p.done} of ${p.total}` : 'waiting';
+  const of = p.at_most ? 'of at most' : 'of';
+  $('status').textContent = p.busy ? `forward pass ${p.done} ${of} ${p.total}` : 'waiting';
 }
 form.onsubmit = async e => {
   e.preventDefault();

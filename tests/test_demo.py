@@ -106,7 +106,7 @@ def test_page_first_grid_and_generation(server):
     assert fetch(server, path)[2] == body  # the same seed draws the same images
     assert fetch(server, path.replace("seed=1", "seed=2"))[2] != body
     progress = json.loads(fetch(server, "/progress")[2])
-    assert progress == {"done": 16, "total": 16, "busy": False}  # one pass per token
+    assert progress == {"done": 16, "total": 16, "busy": False, "at_most": False}  # a pass a token
 
 
 def test_completion_keeps_the_picture_and_its_rows(server):
@@ -166,6 +166,14 @@ def test_bad_requests_get_one_line_and_the_server_stays_up(server, vq_ckpt):
     with pytest.raises(common.UserError, match="cannot listen"):
         demo.make_server(demo.parse_args(["--port", str(server.server_address[1])]))
     assert fetch(server, "/")[0] == 200
+
+
+def test_jacobi_demo_counts_passes_up_to_one_per_token(vq_ckpt, tmp_path):
+    with running(tiny_gpt(tmp_path / "gpt.pt", vq_ckpt) + ["--jacobi-window", "8"]) as server:
+        assert fetch(server, "/generate?" + query(labels="1", n=1))[0] == 200
+        progress = json.loads(fetch(server, "/progress")[2])
+    # the page says "forward pass 5 of at most 16": the passes stop early
+    assert progress["at_most"] and 1 < progress["done"] <= progress["total"] == 16
 
 
 def test_concurrent_requests_progress_busy_and_closed_connections(server, monkeypatch):
